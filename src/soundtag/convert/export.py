@@ -1,0 +1,307 @@
+"""Convert the CNN14 body to LiteRT (fp32, fp16, int8) with litert-torch, prove it, then write it.
+
+Workarounds for litert-torch silent-corruption bugs (both open upstream):
+- #1061: the constant cache is keyed by the storage address of ``x.contiguous().detach().cpu()``;
+  for a non-contiguous or temporary constant that copy is freed and its address reused, so a later
+  constant can silently receive an earlier one's values. We fold every constant ourselves (BatchNorm
+  into the conv weights, bn0 into a per-mel scale/shift), make each one contiguous CPU float32 so
+  that call returns the tensor itself, and keep all of them alive (``_ExportBody.keepalive``) for the
+  whole conversion.
+- #1238: since 0.9 a non-contiguous constant is written in storage order -> every constant is
+  contiguous (asserted before conversion).
+And none of that is trusted: every model is compared with the PyTorch body on several inputs and
+refused (nothing written) when it misses the gate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import features
+from ..labels import labels
+from ..writers import atomic_write_bytes
+from .cnn14 import Cnn14Body, load_body
+from .validate import GATES, ValidationError, as_dict, compare, inspect_graph, run_tflite
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = {
+    "fp32": "cnn14_audioset_fp32.tflite",
+    "fp16": "cnn14_audioset_fp16.tflite",
+    "int8": "cnn14_audioset_int8.tflite",
+}
+REPORT_FILE = "conversion_report.json"
+LABELS_TXT = "audioset_labels.txt"
+PRECISIONS = tuple(MODEL_FILES)
+DEFAULT_PRECISIONS = ("fp32", "fp16")
+AEQ_CHUNK_BYTES = 32 * 1024 * 1024  # ai-edge-quantizer 0.10 chunks weights above this size (#472)
+
+
+class _ExportBody(nn.Module):
+    """CNN14 body with every BatchNorm folded into constants, for conversion only."""
+
+    def __init__(self, body: Cnn14Body) -> None:
+        super().__init__()
+        keep: list[torch.Tensor] = []
+
+        def const(t: torch.Tensor) -> torch.Tensor:
+            c = t.detach().to(torch.float32).contiguous().clone()
+            assert c.is_contiguous() and c.device.type == "cpu"
+            keep.append(c)
+            return c
+
+        scale, shift = _bn_affine(body.bn0)
+        self.bn0_scale = const(scale.reshape(1, 1, 1, -1))
+        self.bn0_shift = const(shift.reshape(1, 1, 1, -1))
+        self.convs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for block in body.blocks():
+            for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2)):
+                s, t = _bn_affine(bn)
+                w = conv.weight.detach().double() * s.reshape(-1, 1, 1, 1)
+                self.convs.append((const(w), const(t)))
+        self.pools = Cnn14Body.POOLS
+        self.fc1 = (const(body.fc1.weight), const(body.fc1.bias))
+        self.fc2 = (const(body.fc_audioset.weight), const(body.fc_audioset.bias))
+        self.keepalive = keep  # litert-torch #1061: no constant may be freed during conversion
+
+    def forward(self, logmel: torch.Tensor) -> torch.Tensor:
+        x = logmel * self.bn0_scale + self.bn0_shift
+        for i, pool in enumerate(self.pools):
+            for w, b in self.convs[2 * i : 2 * i + 2]:
+                x = F.relu(F.conv2d(x, w, b, padding=1))
+            if pool > 1:
+                x = F.avg_pool2d(x, pool)
+        x = x.mean(dim=3)
+        x = torch.amax(x, dim=2) + x.mean(dim=2)
+        x = F.relu(F.linear(x, *self.fc1))
+        return torch.sigmoid(F.linear(x, *self.fc2))
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as y = x * scale + shift, computed in float64."""
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    shift = bn.bias.detach().double() - bn.running_mean.detach().double() * scale
+    return scale, shift
+
+
+def validation_inputs(seed: int = 0) -> dict[str, np.ndarray]:
+    """Named log-mel inputs [1,1,1001,64]: random log-mel, white noise, a chirp and recorded speech."""
+    from ..audio import load_audio
+
+    rng = np.random.default_rng(seed)
+    sr, n = features.SAMPLE_RATE, features.CLIP_SAMPLES
+    t = np.arange(n) / sr
+    f0, f1 = 50.0, 14_000.0
+    chirp = 0.5 * np.sin(2 * np.pi * f0 * (t[-1] / np.log(f1 / f0)) * ((f1 / f0) ** (t / t[-1]) - 1))
+    speech, _, _ = load_audio(_asset_path("speech_espeak.flac"))
+    speech = np.pad(speech[:n], (0, max(0, n - speech.size)))
+    waves = {"noise": 0.1 * rng.standard_normal(n), "chirp": chirp, "speech": speech}
+    out = {"random_logmel": rng.normal(-40.0, 20.0, (features.N_FRAMES, features.N_MELS)).clip(-100, 40)}
+    out.update({k: features.logmel(v) for k, v in waves.items()})
+    return {k: np.ascontiguousarray(v, np.float32).reshape(1, 1, features.N_FRAMES, features.N_MELS) for k, v in out.items()}
+
+
+def _asset_path(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("soundtag.assets").joinpath(name)))
+
+
+def reference_probs(body: Cnn14Body, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        return {k: body(torch.from_numpy(v)).double().numpy()[0] for k, v in inputs.items()}
+
+
+def to_fp32_tflite(body: Cnn14Body) -> bytes:
+    """litert-torch conversion of the folded body; returns the flatbuffer bytes (unvalidated)."""
+    try:
+        import litert_torch
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("conversion needs litert-torch: pip install 'soundtag[convert]'") from exc
+    export = _ExportBody(body).eval()
+    sample = (torch.zeros(1, 1, features.N_FRAMES, features.N_MELS),)
+    with torch.inference_mode():
+        edge = litert_torch.convert(export, sample)
+    data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
+    del edge
+    return bytes(data)
+
+
+def to_fp16_tflite(fp32: bytes) -> bytes:
+    """float16 weights (FC and conv constants) with explicit DEQUANTIZE, via ai-edge-quantizer."""
+    recipe = [_aeq_rule("float_casting", {"num_bits": 16, "dtype": "FLOAT"}, "FLOAT", True)]
+    return _quantize(fp32, recipe)
+
+
+def to_int8_tflite(fp32: bytes) -> bytes:
+    """Dynamic-range int8 (ai-edge-quantizer's dynamic_wi8_afp32 recipe).
+
+    ai-edge-quantizer 0.10 fails on weights over 32 MiB (CNN14 blocks 5-6, fc1) because its chunked
+    path broadcasts per-channel scales [O,1,1,1] onto a 2-D view (upstream ai-edge-quantizer #472).
+    We bypass that path by raising its chunk threshold for the duration of the call: the whole
+    tensor is then quantized in one piece by the regular per-channel code.
+    """
+    recipe = [
+        _aeq_rule(
+            "min_max_uniform_quantize",
+            {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"},
+            "INTEGER",
+            False,
+        )
+    ]
+    with _aeq_no_chunking():
+        return _quantize(fp32, recipe)
+
+
+def _aeq_rule(algorithm: str, weight_cfg: dict, compute: str, explicit_dq: bool) -> dict:
+    return {
+        "regex": ".*",
+        "operation": "*",
+        "algorithm_key": algorithm,
+        "op_config": {
+            "weight_tensor_config": weight_cfg,
+            "compute_precision": compute,
+            "explicit_dequantize": explicit_dq,
+            "skip_checks": False,
+            "min_weight_elements": 0,
+        },
+    }
+
+
+def _quantize(fp32: bytes, recipe: list) -> bytes:
+    try:
+        from ai_edge_quantizer import quantizer
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("quantization needs ai-edge-quantizer: pip install 'soundtag[convert]'") from exc
+    qt = quantizer.Quantizer(bytearray(fp32), recipe)
+    result = qt.quantize(enable_progress_report=False)
+    return bytes(result.quantized_model)
+
+
+class _aeq_no_chunking:
+    """Context manager: disable ai-edge-quantizer's >32 MiB chunked path (#472) if it exists."""
+
+    def __enter__(self):
+        self._saved = []
+        try:
+            from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
+        except ImportError:  # pragma: no cover
+            return self
+        for name in dir(uqt):
+            value = getattr(uqt, name)
+            if "CHUNK" in name.upper() and isinstance(value, int) and value >= AEQ_CHUNK_BYTES // 8:
+                self._saved.append((uqt, name, value))
+                setattr(uqt, name, 1 << 62)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, value in self._saved:
+            setattr(mod, name, value)
+        return False
+
+
+@dataclass
+class ConversionResult:
+    report: dict
+    written: list[Path]
+
+
+def convert_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS,
+    gates: dict | None = None,
+) -> ConversionResult:
+    """Convert, validate and (only if every model passes) write models, assets and report.
+
+    Raises ValidationError (after writing the report, but no model) when any model misses its gate.
+    """
+    t0 = time.perf_counter()
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    gates = {**GATES, **(gates or {})}
+    bad = [p for p in precisions if p not in MODEL_FILES]
+    if bad:
+        raise ValueError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+    body = load_body(checkpoint)
+    inputs = validation_inputs()
+    reference = reference_probs(body, inputs)
+    report: dict = {
+        "checkpoint": {"path": str(checkpoint), "bytes": checkpoint.stat().st_size, "md5": _md5(checkpoint)},
+        "inputs": list(inputs),
+        "reference": "PyTorch Cnn14Body (soundtag.convert.cnn14), eval mode, float32",
+        "models": {},
+        "versions": _versions(),
+    }
+    blobs: dict[str, bytes] = {}
+    fp32 = to_fp32_tflite(body)
+    makers = {"fp32": lambda: fp32, "fp16": lambda: to_fp16_tflite(fp32), "int8": lambda: to_int8_tflite(fp32)}
+    fp32_probs = run_tflite(fp32, inputs)
+    for precision in precisions:
+        data = makers[precision]()
+        probs = fp32_probs if precision == "fp32" else run_tflite(data, inputs)
+        parity = compare(precision, reference, probs, gates[precision])
+        graph = inspect_graph(data)
+        entry = {
+            "file": MODEL_FILES[precision],
+            "precision": precision,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "parity_vs_pytorch": as_dict(parity),
+            "graph": as_dict(graph),
+            "passed": parity.passed and graph.passed,
+        }
+        if precision != "fp32":
+            entry["fidelity_vs_fp32"] = as_dict(compare(precision, fp32_probs, probs, {"min_corr": 0.0, "max_abs_diff": None}))
+        report["models"][precision] = entry
+        blobs[precision] = data
+        log.info("%s: corr %.7f max|dp| %.2e graph %s", precision, parity.min_corr, parity.max_abs_diff, graph.passed)
+    report["passed"] = all(m["passed"] for m in report["models"].values())
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if report["passed"]:
+        for precision, data in blobs.items():
+            written.append(atomic_write_bytes(output_dir / MODEL_FILES[precision], data))
+        basis = np.ascontiguousarray(features.mel_basis(), dtype="<f4")
+        written.append(atomic_write_bytes(output_dir / features.MEL_BASIS_FILE, basis.tobytes()))
+        names = "".join(lab.name + "\n" for lab in labels())
+        written.append(atomic_write_bytes(output_dir / LABELS_TXT, names.encode()))
+    written.append(atomic_write_bytes(output_dir / REPORT_FILE, (json.dumps(report, indent=2) + "\n").encode()))
+    if not report["passed"]:
+        failed = [f"{p} (corr {m['parity_vs_pytorch']['min_corr']:.6f}, max|dp| "
+                  f"{m['parity_vs_pytorch']['max_abs_diff']:.2e}, graph ok {m['graph']['passed']})"
+                  for p, m in report["models"].items() if not m["passed"]]
+        raise ValidationError(f"{checkpoint}: converted model failed validation: {', '.join(failed)}; "
+                              f"no model written (see {output_dir / REPORT_FILE})")
+    return ConversionResult(report, written)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("soundtag", "torch", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

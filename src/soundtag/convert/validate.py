@@ -1,0 +1,155 @@
+"""Prove a converted model: numerical parity against the PyTorch body, and static graph checks.
+
+Nothing here trusts the converter: litert-torch can write a wrong model without any error
+(upstream litert-torch issues #1061 and #1238), so every model is run and compared before it is
+written, and its flatbuffer is inspected for the properties we promise (one subgraph, rank <= 4,
+only GPU-delegate ops).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+# Parity gates (issue #2): probabilities of the LiteRT model vs the PyTorch body on every input.
+GATES = {
+    "fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4},
+    "fp16": {"min_corr": 0.9999, "max_abs_diff": None},
+    "int8": {"min_corr": 0.999, "max_abs_diff": None},
+}
+
+MAX_RANK = 4  # the GPU delegate handles tensors up to BHWC
+
+# Builtin ops the LiteRT GPU delegate accepts: the cases of NewOperationParser() in
+# google-ai-edge/LiteRT tflite/delegates/gpu/common/model_builder.cc (read 2026-11). DEQUANTIZE is
+# accepted there only for quantized graphs, except a DEQUANTIZE of a float16 constant, which the
+# FP16GraphPartitionHelper folds away; validate_graph() checks that case separately.
+GPU_DELEGATE_OPS = frozenset(
+    """ABS ADD ADD_N AVERAGE_POOL_2D BATCH_MATMUL CAST CONCATENATION CONV_2D COS CUMSUM DENSIFY
+    DEPTHWISE_CONV_2D DEPTH_TO_SPACE DIV EQUAL ELU EXP FLOOR FLOOR_DIV FLOOR_MOD FULLY_CONNECTED GATHER
+    GELU GREATER GREATER_EQUAL HARD_SWISH LESS LESS_EQUAL LOGISTIC LOG LOGICAL_AND LSTM MAXIMUM
+    MAX_POOL_2D MEAN MINIMUM MIRROR_PAD MUL NEG NOT_EQUAL ONE_HOT PACK PAD PADV2 POW REDUCE_MAX
+    REDUCE_MIN REDUCE_PROD RELU RELU6 RELU_0_TO_1 RELU_N1_TO_1 LEAKY_RELU PRELU RESHAPE RESIZE_BILINEAR
+    RESIZE_NEAREST_NEIGHBOR RSQRT SELECT SELECT_V2 SIGN SIN SLICE SOFTMAX SPACE_TO_DEPTH SPLIT SPLIT_V
+    SQRT SQUARE SQUARED_DIFFERENCE STRIDED_SLICE SUB SUM TANH TILE TRANSPOSE TRANSPOSE_CONV UNPACK""".split()
+)
+GPU_DELEGATE_SOURCE = (
+    "google-ai-edge/LiteRT tflite/delegates/gpu/common/model_builder.cc, NewOperationParser(); "
+    "DEQUANTIZE only of float16 constants (FP16GraphPartitionHelper)"
+)
+
+
+class ValidationError(RuntimeError):
+    """A converted model failed a gate; it must not be written."""
+
+
+@dataclass
+class Parity:
+    precision: str
+    min_corr: float
+    max_abs_diff: float
+    per_input: dict = field(default_factory=dict)
+    passed: bool = False
+    gate: dict = field(default_factory=dict)
+
+
+@dataclass
+class GraphReport:
+    subgraphs: int
+    max_rank: int
+    ops: dict
+    gpu_unsupported: list
+    gpu_ok: bool
+    passed: bool
+    gpu_op_source: str = GPU_DELEGATE_SOURCE
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float(np.array_equal(a, b))
+
+
+def compare(precision: str, reference: dict, got: dict, gate: dict | None = None) -> Parity:
+    """Probabilities per input vs the reference; passes when every input clears the gate."""
+    gate = gate if gate is not None else GATES[precision]
+    per = {}
+    for name, ref in reference.items():
+        out = got[name]
+        per[name] = {
+            "corr": pearson(ref, out),
+            "max_abs_diff": float(np.max(np.abs(np.asarray(ref, np.float64) - out))),
+            "top1_agree": bool(np.argmax(ref) == np.argmax(out)),
+            "top5_overlap": len(set(np.argsort(ref.ravel())[-5:]) & set(np.argsort(out.ravel())[-5:])) / 5,
+        }
+    min_corr = min(p["corr"] for p in per.values())
+    max_diff = max(p["max_abs_diff"] for p in per.values())
+    passed = min_corr >= gate["min_corr"] and (gate["max_abs_diff"] is None or max_diff <= gate["max_abs_diff"])
+    return Parity(precision, min_corr, max_diff, per, passed, dict(gate))
+
+
+def inspect_graph(model_bytes: bytes) -> GraphReport:
+    """Op census, subgraph count, largest tensor rank and GPU-delegate coverage of a .tflite."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    model = schema.Model.GetRootAs(model_bytes, 0)
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        oc = model.OperatorCodes(i)
+        code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
+        name = names.get(code, f"UNKNOWN_{code}")
+        if name == "CUSTOM":
+            name = f"CUSTOM:{oc.CustomCode().decode()}"
+        codes.append(name)
+    ops: collections.Counter = collections.Counter()
+    unsupported: set = set()
+    max_rank = 0
+    for s in range(model.SubgraphsLength()):
+        sg = model.Subgraphs(s)
+        for t in range(sg.TensorsLength()):
+            max_rank = max(max_rank, sg.Tensors(t).ShapeLength())
+        for o in range(sg.OperatorsLength()):
+            op = sg.Operators(o)
+            name = codes[op.OpcodeIndex()]
+            ops[name] += 1
+            if name == "DEQUANTIZE":
+                src = sg.Tensors(op.Inputs(0))
+                if src.Type() != schema.TensorType.FLOAT16:
+                    unsupported.add("DEQUANTIZE(non-fp16)")
+            elif name not in GPU_DELEGATE_OPS:
+                unsupported.add(name)
+    subgraphs = model.SubgraphsLength()
+    gpu_ok = not unsupported
+    return GraphReport(
+        subgraphs=subgraphs,
+        max_rank=max_rank,
+        ops=dict(sorted(ops.items())),
+        gpu_unsupported=sorted(unsupported),
+        gpu_ok=gpu_ok,
+        passed=subgraphs == 1 and max_rank <= MAX_RANK,
+    )
+
+
+def run_tflite(model_bytes: bytes, inputs: dict, num_threads: int = 2) -> dict:
+    """Run a .tflite (bytes) on each named input [1,1,1001,64]; probabilities [527] per name."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=model_bytes, num_threads=num_threads)
+    interp.allocate_tensors()
+    i_in = interp.get_input_details()[0]["index"]
+    i_out = interp.get_output_details()[0]["index"]
+    out = {}
+    for name, x in inputs.items():
+        interp.set_tensor(i_in, np.ascontiguousarray(x, dtype=np.float32))
+        interp.invoke()
+        out[name] = interp.get_tensor(i_out)[0].astype(np.float64)
+    return out
+
+
+def as_dict(obj) -> dict:
+    return asdict(obj)

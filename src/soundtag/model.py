@@ -1,0 +1,57 @@
+"""LiteRT CNN14 body: log-mel [1, 1, 1001, 64] float32 in, probabilities [1, 527] float32 out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .features import N_FRAMES, N_MELS
+from .labels import NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+INPUT_SHAPE = (1, 1, N_FRAMES, N_MELS)  # log-mel, the model card's layout
+OUTPUT_SHAPE = (1, NUM_CLASSES)  # sigmoid probabilities
+DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # XNNPACK threads; one per core up to 4
+
+
+class ModelError(ValueError):
+    """The file is not a CNN14 LiteRT model with the expected signature."""
+
+
+class Cnn14Model:
+    """A loaded .tflite CNN14 body. Call it with a log-mel [1001, 64] or [1, 1, 1001, 64]."""
+
+    def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: model file not found")
+        try:
+            self._interp = Interpreter(model_path=str(self.path), num_threads=num_threads or DEFAULT_THREADS)
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"{self.path}: not a LiteRT model ({exc})") from None
+        inputs, outputs = self._interp.get_input_details(), self._interp.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(f"{self.path}: expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}")
+        for kind, det, shape in (("input", inputs[0], INPUT_SHAPE), ("output", outputs[0], OUTPUT_SHAPE)):
+            if tuple(det["shape"]) != shape or det["dtype"] != np.float32:
+                raise ModelError(
+                    f"{self.path}: {kind} is {det['dtype'].__name__}{list(det['shape'])}, "
+                    f"expected float32{list(shape)} (not a CNN14 AudioSet model)"
+                )
+        self._in = inputs[0]["index"]
+        self._out = outputs[0]["index"]
+        log.debug("loaded %s", self.path)
+
+    def __call__(self, logmel: np.ndarray) -> np.ndarray:
+        """Probabilities [527] for one window's log-mel."""
+        x = np.asarray(logmel, dtype=np.float32).reshape(INPUT_SHAPE)
+        self._interp.set_tensor(self._in, x)
+        self._interp.invoke()
+        return self._interp.get_tensor(self._out)[0].copy()

@@ -15,6 +15,7 @@ refused (nothing written) when it misses the gate.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -149,8 +150,7 @@ def to_int8_tflite(fp32: bytes) -> bytes:
 
     ai-edge-quantizer 0.10 fails on weights over 32 MiB (CNN14 blocks 5-6, fc1) because its chunked
     path broadcasts per-channel scales [O,1,1,1] onto a 2-D view (upstream ai-edge-quantizer #472).
-    We bypass that path by raising its chunk threshold for the duration of the call: the whole
-    tensor is then quantized in one piece by the regular per-channel code.
+    _aeq_no_chunking keeps such tensors off that path.
     """
     recipe = [
         _aeq_rule(
@@ -190,24 +190,49 @@ def _quantize(fp32: bytes, recipe: list) -> bytes:
 
 
 class _aeq_no_chunking:
-    """Context manager: disable ai-edge-quantizer's >32 MiB chunked path (#472) if it exists."""
+    """Context manager working around ai-edge-quantizer #472 (0.10): for weights over 32 MiB its
+    uniform_quantize() takes a chunked path that broadcasts per-channel scales [O,1,1,1] onto a 2-D
+    view and fails. We split such a tensor along its quantized (output-channel) axis into slices
+    under 32 MiB, quantize each slice with its own scales through the regular path, and concatenate:
+    the same per-channel arithmetic, never the broken branch. All callers in the package look the
+    function up on its module, so patching the module attribute covers them; it is restored on exit.
+    """
 
     def __enter__(self):
-        self._saved = []
-        try:
-            from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
-        except ImportError:  # pragma: no cover
-            return self
-        for name in dir(uqt):
-            value = getattr(uqt, name)
-            if "CHUNK" in name.upper() and isinstance(value, int) and value >= AEQ_CHUNK_BYTES // 8:
-                self._saved.append((uqt, name, value))
-                setattr(uqt, name, 1 << 62)
+        from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
+
+        self._module, self._original = uqt, uqt.uniform_quantize
+        original = self._original
+
+        def uniform_quantize(tensor_data, quantization_params, is_blockwise_quant=False):
+            scale = np.asarray(quantization_params.scale)
+            zero = np.asarray(quantization_params.zero_point)
+            if (
+                is_blockwise_quant
+                or tensor_data.ndim < 2
+                or tensor_data.nbytes <= AEQ_CHUNK_BYTES
+                or quantization_params.quantized_dimension != 0
+                or scale.shape[:1] != tensor_data.shape[:1]
+            ):
+                return original(tensor_data, quantization_params, is_blockwise_quant)
+            rows = max(1, AEQ_CHUNK_BYTES // tensor_data[0].nbytes)
+            parts = []
+            for k in range(0, tensor_data.shape[0], rows):
+                part = slice(k, k + rows)
+                params = dataclasses.replace(
+                    quantization_params,
+                    scale=scale[part],
+                    zero_point=zero[part] if zero.shape[:1] == scale.shape[:1] else zero,
+                    quantized_data=None,
+                )
+                parts.append(original(tensor_data[part], params))
+            return np.concatenate(parts, axis=0)
+
+        uqt.uniform_quantize = uniform_quantize
         return self
 
     def __exit__(self, *exc):
-        for mod, name, value in self._saved:
-            setattr(mod, name, value)
+        self._module.uniform_quantize = self._original
         return False
 
 

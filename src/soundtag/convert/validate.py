@@ -17,7 +17,7 @@ import numpy as np
 GATES = {
     "fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4},
     "fp16": {"min_corr": 0.9999, "max_abs_diff": None},
-    "int8": {"min_corr": 0.999, "max_abs_diff": None},
+    "int8": {"min_corr": 0.99, "max_abs_diff": None},  # dynamic-range int8: a CPU speed variant
 }
 
 MAX_RANK = 4  # the GPU delegate handles tensors up to BHWC

@@ -1,0 +1,136 @@
+"""Conversion: parity gates, graph checks, refusal of corrupted models, checkpoint loading."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from soundtag.convert import export
+from soundtag.convert.cnn14 import CheckpointError, Cnn14Body, load_body
+from soundtag.convert.validate import ValidationError, inspect_graph, run_tflite
+from soundtag.features import mel_basis
+from soundtag.labels import labels
+
+
+def test_report_gates_and_files(models):
+    report = json.loads((models / "conversion_report.json").read_text())
+    assert report["passed"] is True
+    assert report["inputs"] == ["random_logmel", "noise", "chirp", "speech"]
+    fp32, fp16, int8 = (report["models"][p] for p in ("fp32", "fp16", "int8"))
+    assert fp32["parity_vs_pytorch"]["min_corr"] >= 0.99999
+    assert fp32["parity_vs_pytorch"]["max_abs_diff"] <= 1e-4
+    assert fp16["parity_vs_pytorch"]["min_corr"] >= 0.9999
+    assert int8["parity_vs_pytorch"]["min_corr"] >= 0.99
+    assert set(int8["fidelity_vs_fp32"]["per_input"]["speech"]) >= {"corr", "max_abs_diff", "top1_agree", "top5_overlap"}
+    for m in (fp32, fp16, int8):
+        g = m["graph"]
+        assert g["subgraphs"] == 1 and g["max_rank"] <= 4 and g["gpu_ok"] and g["gpu_unsupported"] == []
+        assert "model_builder.cc" in g["gpu_op_source"]
+        assert (models / m["file"]).stat().st_size == m["bytes"]
+    assert fp16["bytes"] < 0.55 * fp32["bytes"] and int8["bytes"] < 0.3 * fp32["bytes"]
+    assert fp32["graph"]["ops"]["CONV_2D"] + fp32["graph"]["ops"].get("DEPTHWISE_CONV_2D", 0) == 12
+    assert fp16["graph"]["ops"]["DEQUANTIZE"] >= 12  # fp16 weights, dequantized (GPU folds these)
+    assert "DEQUANTIZE" not in fp32["graph"]["ops"]
+
+
+def test_assets_written(models):
+    basis = np.fromfile(models / "mel_basis.bin", dtype="<f4").reshape(64, 513)
+    np.testing.assert_array_equal(basis, mel_basis())
+    names = (models / "audioset_labels.txt").read_text().splitlines()
+    assert len(names) == 527 and names[0] == "Speech" and names == [lab.name for lab in labels()]
+
+
+def test_models_match_pytorch_on_fresh_inputs(models, body):
+    """Inputs the converter never saw: a different seed of random log-mels and a loud scene."""
+    rng = np.random.default_rng(123)
+    inputs = {f"r{i}": rng.normal(-30, 25, (1, 1, 1001, 64)).astype(np.float32) for i in range(2)}
+    with torch.inference_mode():
+        ref = {k: body(torch.from_numpy(v)).double().numpy()[0] for k, v in inputs.items()}
+    got32 = run_tflite((models / "cnn14_audioset_fp32.tflite").read_bytes(), inputs)
+    got16 = run_tflite((models / "cnn14_audioset_fp16.tflite").read_bytes(), inputs)
+    for k in inputs:
+        np.testing.assert_allclose(got32[k], ref[k], atol=1e-4, rtol=0)
+        assert np.corrcoef(got16[k], ref[k])[0, 1] >= 0.9999
+        assert 0.001 < np.median(ref[k]) < 0.5  # synthetic weights give spread, unsaturated outputs
+
+
+@pytest.fixture
+def corrupted_fp32(checkpoint, models, monkeypatch):
+    """Make the converter return a silently wrong model: one fc_audioset bias of 80 million weights
+    altered, as litert-torch #1061 does when a constant receives another's values."""
+    good = (models / "cnn14_audioset_fp32.tflite").read_bytes()
+    bias = load_body(checkpoint).fc_audioset.bias.detach().numpy().astype("<f4")
+    at = good.find(bias.tobytes())
+    assert at > 0, "fc_audioset bias not found in the flatbuffer"
+    altered = bias.copy()
+    altered[7] += 0.5
+    bad = good[:at] + altered.tobytes() + good[at + altered.nbytes :]
+    monkeypatch.setattr(export, "to_fp32_tflite", lambda body: bad)
+    return bad
+
+
+def test_corrupted_model_is_refused(checkpoint, corrupted_fp32, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValidationError, match="failed validation"):
+        export.convert_checkpoint(checkpoint, out, ("fp32",))
+    assert not list(out.glob("*.tflite"))
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["passed"] is False and report["models"]["fp32"]["passed"] is False
+    assert report["models"]["fp32"]["parity_vs_pytorch"]["max_abs_diff"] > 1e-4
+
+
+def test_cli_convert_refuses_corrupted(checkpoint, corrupted_fp32, tmp_path, capsys):
+    from soundtag.cli import main
+
+    assert main(["convert", str(checkpoint), "--output-dir", str(tmp_path), "--precision", "fp32"]) == 1
+    assert "failed validation" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tflite"))
+
+
+def test_checkpoint_formats(body, tmp_path):
+    sd = body.state_dict()
+    bare = tmp_path / "bare.pth"
+    torch.save(sd, bare)
+    loaded = load_body(bare)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k])
+
+
+def test_wrong_checkpoint_lists_keys(tmp_path):
+    sd = Cnn14Body().state_dict()
+    sd.pop("fc1.weight")
+    sd["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "wrong.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match=r"missing keys \[fc1.weight\], unexpected keys \[extra.weight\]"):
+        load_body(path)
+
+
+def test_non_checkpoint_and_pickle_refused(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_body(junk)
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": _Payload()}, evil)
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):  # weights_only refuses the object
+        load_body(evil)
+
+
+class _Payload:
+    pass
+
+
+def test_graph_inspection_flags_non_gpu_ops(tmp_path):
+    """The GPU check is not vacuous: a graph with an op outside the delegate's list is flagged."""
+    import litert_torch
+
+    class ArgMax(torch.nn.Module):
+        def forward(self, x):
+            return torch.argmax(x, dim=1)
+
+    edge = litert_torch.convert(ArgMax().eval(), (torch.ones(1, 8),))
+    data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
+    g = inspect_graph(bytes(data))
+    assert not g.gpu_ok and "ARG_MAX" in g.gpu_unsupported

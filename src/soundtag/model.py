@@ -40,9 +40,10 @@ class Cnn14Model:
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelError(f"{self.path}: expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}")
         for kind, det, shape in (("input", inputs[0], INPUT_SHAPE), ("output", outputs[0], OUTPUT_SHAPE)):
-            if tuple(det["shape"]) != shape or det["dtype"] != np.float32:
+            got = [int(d) for d in det["shape"]]
+            if tuple(got) != shape or det["dtype"] != np.float32:
                 raise ModelError(
-                    f"{self.path}: {kind} is {det['dtype'].__name__}{list(det['shape'])}, "
+                    f"{self.path}: {kind} is {np.dtype(det['dtype']).name}{got}, "
                     f"expected float32{list(shape)} (not a CNN14 AudioSet model)"
                 )
         self._in = inputs[0]["index"]

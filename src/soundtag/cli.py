@@ -274,3 +274,7 @@ if __name__ == "__main__":  # pragma: no cover
 def main_exit() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":  # python -m soundtag.cli
+    main_exit()

@@ -1,0 +1,106 @@
+"""`soundtag fetch` against a local HTTP server on 127.0.0.1: resume, checksum, conversion into the cache."""
+
+import hashlib
+import http.server
+import json
+import threading
+
+import pytest
+
+from soundtag import fetch
+from soundtag.cli import main
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves one payload with Range support; the first `breaks` responses stop half-way."""
+
+    payload = b""
+    breaks = 0
+    requests: list = []
+
+    def do_GET(self):  # noqa: N802
+        cls = type(self)
+        cls.requests.append(self.headers.get("Range"))
+        start = 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            if start >= len(cls.payload):
+                self.send_response(416)
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(cls.payload) - 1}/{len(cls.payload)}")
+        else:
+            self.send_response(200)
+        body = cls.payload[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if cls.breaks > 0:
+            cls.breaks -= 1
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.close()  # broken download
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(checkpoint):
+    _Handler.payload = checkpoint.read_bytes()
+    _Handler.requests = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/Cnn14_mAP%3D0.431.pth"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_resumes_broken_connection(server, checkpoint, tmp_path):
+    _Handler.breaks = 2
+    data = checkpoint.read_bytes()
+    dest = fetch.download(server, tmp_path / "c.pth", len(data), hashlib.md5(data).hexdigest())
+    assert dest.read_bytes() == data
+    assert _Handler.requests[0] is None and all(r and r.startswith("bytes=") for r in _Handler.requests[1:])
+    assert len(_Handler.requests) == 3
+    assert not (tmp_path / "c.pth.part").exists()
+
+
+def test_partial_file_from_earlier_run_is_resumed(server, checkpoint, tmp_path):
+    data = checkpoint.read_bytes()
+    (tmp_path / "c.pth.part").write_bytes(data[:1000])
+    fetch.download(server, tmp_path / "c.pth", len(data), hashlib.md5(data).hexdigest())
+    assert _Handler.requests == ["bytes=1000-"]
+    assert (tmp_path / "c.pth").read_bytes() == data
+
+
+def test_wrong_checksum_leaves_nothing(server, checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SOUNDTAG_CACHE", str(tmp_path / "cache"))
+    size = checkpoint.stat().st_size
+    code = main(["fetch", "--url", server, "--md5", "0" * 32, "--bytes", str(size)])
+    err = capsys.readouterr().err
+    assert code == 1 and "md5" in err and "does not match" in err
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    code = main(["fetch", "--url", server, "--bytes", str(size + 1)])
+    assert code == 1 and f"expected {size + 1}" in capsys.readouterr().err
+
+
+def test_fetch_converts_into_cache_and_tag_finds_it(server, checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SOUNDTAG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SOUNDTAG_MODEL", raising=False)
+    data = checkpoint.read_bytes()
+    code = main(["fetch", "--url", server, "--md5", hashlib.md5(data).hexdigest(), "--bytes", str(len(data)),
+                 "--precision", "fp32"])
+    assert code == 0, capsys.readouterr().err
+    models = tmp_path / "cache" / "models"
+    report = json.loads((models / "conversion_report.json").read_text())
+    assert report["passed"] and report["checkpoint"]["md5"] == hashlib.md5(data).hexdigest()
+    assert fetch.resolve_model_path() == models / "cnn14_audioset_fp32.tflite"
+
+
+def test_upstream_constants():
+    assert fetch.UPSTREAM_BYTES == 327_428_481 and fetch.UPSTREAM_MD5 == "541141fa2ee191a88f24a3219fff024e"
+    assert "3987831" in fetch.UPSTREAM_URL

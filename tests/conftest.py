@@ -3,11 +3,7 @@ cached on disk by content hash (sources that shape them + tool versions)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -20,40 +16,19 @@ CACHE = Path(os.environ.get("SOUNDTAG_TEST_CACHE", ROOT / ".test-cache"))
 SR = 32_000
 
 
-def _cache_key(precisions: tuple[str, ...]) -> str:
-    h = hashlib.sha256()
-    for rel in ("convert/synthetic.py", "convert/cnn14.py", "convert/export.py", "convert/validate.py",
-                "features.py", "assets/mel_basis.bin", "assets/speech_espeak.flac"):
-        h.update((SRC / rel).read_bytes())
-    for pkg in ("torch", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "numpy"):
-        h.update(version(pkg).encode())
-    h.update(",".join(precisions).encode())
-    return h.hexdigest()[:16]
-
-
 @pytest.fixture(scope="session")
 def checkpoint() -> Path:
-    from soundtag.convert.synthetic import write_synthetic_checkpoint
+    from soundtag.convert.synthetic import cached_checkpoint
 
-    key = _cache_key(())
-    path = CACHE / f"synthetic-{key}" / "Cnn14_synthetic.pth"
-    if not path.is_file():
-        write_synthetic_checkpoint(path)
-    return path
+    return cached_checkpoint(CACHE)
 
 
 @pytest.fixture(scope="session")
 def models(checkpoint) -> Path:
     """Directory with fp32 + fp16 + int8 models, labels, mel basis and conversion_report.json."""
-    from soundtag.convert.export import convert_checkpoint
+    from soundtag.convert.synthetic import cached_models
 
-    precisions = ("fp32", "fp16", "int8")
-    out = CACHE / f"models-{_cache_key(precisions)}"
-    report = out / "conversion_report.json"
-    if not (report.is_file() and json.loads(report.read_text()).get("passed")):
-        shutil.rmtree(out, ignore_errors=True)
-        convert_checkpoint(checkpoint, out, precisions)
-    return out
+    return cached_models(CACHE)
 
 
 @pytest.fixture(scope="session")

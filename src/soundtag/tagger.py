@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 WINDOW_S = features.CLIP_SAMPLES / features.SAMPLE_RATE  # 10 s: the model's fixed input length
 DEFAULT_EVENT_THRESHOLD = 0.5  # probability above which a class counts as present in a window
 AGGREGATES = ("max", "mean")
+PREFETCH_DEPTH = 2  # windows decoded ahead of the model: bounded memory (2 x 1.3 MB)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class TaggerOptions:
     allow: Sequence[str] | None = None  # report only these classes (names or MIDs)
     deny: Sequence[str] | None = None  # never report these classes (names or MIDs)
     num_threads: int | None = None  # LiteRT CPU threads; None: one per core up to 4
+    prefetch: bool = True  # decode + log-mel the next window in a thread while the model runs
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,51 @@ def iter_windows(blocks: Iterable[np.ndarray], hop: int, window: int = features.
         yield start, valid.size, out
 
 
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def prefetch(items: Iterator, depth: int = PREFETCH_DEPTH) -> Iterator:
+    """Run an iterator in a background thread, up to `depth` items ahead (errors re-raised here).
+
+    Decoding (libsndfile/FFmpeg), soxr, scipy.fft and numpy release the GIL, and so does the LiteRT
+    invoke, so the next window's audio and log-mel are ready when the model finishes this one.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer
+            q.put(_Raised(exc))
+
+    worker = threading.Thread(target=work, name="soundtag-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
 class Tagger:
     """CNN14 sound-event tagger. Build with Tagger(TaggerOptions(...)) or Tagger.from_model_path()."""
 
@@ -138,10 +187,11 @@ class Tagger:
     def window_probs(self, windows: Iterable[tuple[int, int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Starts, valid lengths (samples) and probabilities [n, 527] of each window."""
         starts, valid, probs = [], [], []
-        for start, n, wave in windows:
+        feats = ((start, n, features.logmel(wave)) for start, n, wave in windows)
+        for start, n, lm in prefetch(feats) if self.options.prefetch else feats:
             starts.append(start)
             valid.append(n)
-            probs.append(self.model(features.logmel(wave)))
+            probs.append(self.model(lm))
         return np.array(starts), np.array(valid), np.array(probs, dtype=np.float32).reshape(-1, NUM_CLASSES)
 
     def tag_waveform(self, waveform: np.ndarray, sample_rate: int = features.SAMPLE_RATE, path: str | None = None) -> TagResult:

@@ -105,3 +105,42 @@ def write_synthetic_checkpoint(path: str | Path, seed: int = 0) -> Path:
     torch.save({"model": sd}, tmp)
     tmp.replace(path)
     return path
+
+
+def cache_key(precisions: tuple[str, ...] = ()) -> str:
+    """Content hash of everything that shapes the synthetic checkpoint and its converted models."""
+    import hashlib
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in ("convert/synthetic.py", "convert/cnn14.py", "convert/export.py", "convert/validate.py",
+                "features.py", "assets/mel_basis.bin", "assets/speech_espeak.flac"):
+        h.update((root / rel).read_bytes())
+    for pkg in ("torch", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "numpy"):
+        h.update(version(pkg).encode())
+    h.update(",".join(precisions).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_checkpoint(cache: str | Path) -> Path:
+    """The synthetic checkpoint under cache/, built once per content hash."""
+    path = Path(cache) / f"synthetic-{cache_key()}" / "Cnn14_synthetic.pth"
+    if not path.is_file():
+        write_synthetic_checkpoint(path)
+    return path
+
+
+def cached_models(cache: str | Path, precisions: tuple[str, ...] = ("fp32", "fp16", "int8")) -> Path:
+    """Converted, validated models of the synthetic checkpoint under cache/, built once per hash."""
+    import json
+    import shutil
+
+    from .export import REPORT_FILE, convert_checkpoint
+
+    out = Path(cache) / f"models-{cache_key(precisions)}"
+    report = out / REPORT_FILE
+    if not (report.is_file() and json.loads(report.read_text()).get("passed")):
+        shutil.rmtree(out, ignore_errors=True)
+        convert_checkpoint(cached_checkpoint(cache), out, precisions)
+    return out

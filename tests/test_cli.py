@@ -26,6 +26,10 @@ def clips(tmp_path_factory) -> list[Path]:
     return paths
 
 
+def _errors(err: str) -> list[str]:
+    return [line for line in err.strip().splitlines() if not line.startswith("soundtag: model ")]
+
+
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -54,7 +58,7 @@ def test_failed_input_continues(fp32_model, clips, tmp_path, capsys):
     assert "tags" in recs[0] and "tags" in recs[3]
     assert recs[1] == {"path": str(bad), "error": recs[1]["error"]} and "not an audio file" in recs[1]["error"]
     assert recs[2]["error"] == "no such file"
-    assert f"{bad}: not an audio file" in err and len(err.strip().splitlines()) == 2
+    assert f"{bad}: not an audio file" in err and len(_errors(err)) == 2
 
 
 def test_all_bad_inputs_in_one_batch(fp32_model, clips, tmp_path, capsys):
@@ -81,7 +85,7 @@ def test_all_bad_inputs_in_one_batch(fp32_model, clips, tmp_path, capsys):
               many: "unsupported channel count 200", noaudio: "no audio files"}
     for path, msg in expect.items():
         assert msg in recs[str(path)]["error"], recs[str(path)]
-    assert len(err.strip().splitlines()) == len(expect)
+    assert len(_errors(err)) == len(expect)
 
 
 def test_usage_errors_exit_2(fp32_model, clips, tmp_path, capsys):
@@ -211,3 +215,11 @@ def test_ctrl_c_leaves_valid_output(fp32_model, many_clips, tmp_path):
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert rows and all(r["path"] in map(str, many_clips) for r in rows)
     assert "rerun with --resume" in err
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_cli_says_model_precision(models, clips, capsys, precision):
+    model = models / f"cnn14_audioset_{precision}.tflite"
+    code, out, err = run(capsys, "tag", clips[0], "--model", model, "--format", "jsonl")
+    assert code == 0 and f"model {model} ({precision})" in err
+    assert json.loads(out)["tags"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -70,5 +71,7 @@ def tag_paths(paths: list[str], options: TaggerOptions, jobs: int = 1, tagger: T
         for p in paths:
             yield tag_one(tagger, p)
         return
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(options,)) as pool:
+    # spawn, not fork: the parent may run threads (prefetch, XNNPACK), which fork would copy half-way
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(options,)) as pool:
         yield from pool.map(_tag_one, paths, chunksize=1)

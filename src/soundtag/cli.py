@@ -119,6 +119,7 @@ def _cmd_tag(args) -> int:
         _err(str(exc))
         return EXIT_FAILED
 
+    print(f"soundtag: model {tagger.model.path} ({tagger.model.precision})", file=sys.stderr)
     inputs = list(expand_inputs(args.paths))
     if args.plot and len(inputs) != 1:
         raise UsageError("--plot draws one input; give exactly one file")

@@ -48,7 +48,8 @@ class Cnn14Model:
                 )
         self._in = inputs[0]["index"]
         self._out = outputs[0]["index"]
-        log.debug("loaded %s", self.path)
+        self.precision = _precision(self._interp.get_tensor_details())
+        log.info("loaded %s (%s)", self.path, self.precision)
 
     def __call__(self, logmel: np.ndarray) -> np.ndarray:
         """Probabilities [527] for one window's log-mel."""
@@ -56,3 +57,13 @@ class Cnn14Model:
         self._interp.set_tensor(self._in, x)
         self._interp.invoke()
         return self._interp.get_tensor(self._out)[0].copy()
+
+
+def _precision(tensors: list[dict]) -> str:
+    """fp32, fp16 (float16 weights) or int8 (dynamic-range int8 weights), from the tensor types."""
+    types = {np.dtype(t["dtype"]) for t in tensors}
+    if np.dtype(np.int8) in types:
+        return "int8"
+    if np.dtype(np.float16) in types:
+        return "fp16"
+    return "fp32"

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -146,17 +145,18 @@ def subprocess_probe(code: str) -> dict:
 
 
 STARTUP_SOUNDTAG = """
-import json, time, resource
+import json, time
 t = time.perf_counter()
 import soundtag
 a = time.perf_counter()
 tg = soundtag.Tagger(soundtag.TaggerOptions(model_path={model!r}))
 b = time.perf_counter()
 {work}
-print(json.dumps({{"import_s": a - t, "load_s": b - a, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({{"import_s": a - t, "load_s": b - a, "peak_rss_mb": int(hwm) / 1024}}))
 """
 STARTUP_REFERENCE = """
-import json, time, resource, sys
+import json, time, sys
 sys.path.insert(0, "bench")
 t = time.perf_counter()
 import torch, librosa, torchlibrosa
@@ -165,8 +165,26 @@ from run import Reference
 ref = Reference(__import__("pathlib").Path({ckpt!r}), {threads})
 b = time.perf_counter()
 {work}
-print(json.dumps({{"import_s": a - t, "load_s": b - a, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({{"import_s": a - t, "load_s": b - a, "peak_rss_mb": int(hwm) / 1024}}))
 """
+
+
+def probe_memory(short: Path, long: Path, long_minutes: float, model_files: dict, ckpt: Path, threads: int) -> dict:
+    """Peak RSS (VmHWM) of a fresh process tagging a 10 s file and the long file."""
+    mem = {}
+    for label, path in (("10 s", short), (f"{long_minutes:g} min", long)):
+        for p in ("fp32", "int8"):
+            work = f"r = tg.tag_file({str(path)!r})"
+            mem[(p, label)] = subprocess_probe(STARTUP_SOUNDTAG.format(model=str(model_files[p]), work=work))
+        mem[("reference", label)] = subprocess_probe(STARTUP_REFERENCE.format(
+            ckpt=str(ckpt), threads=threads, work=f"ref(__import__('pathlib').Path({str(path)!r}))"))
+    print("| path | import s | model load s | peak RSS 10 s file MB | peak RSS " + f"{long_minutes:g} min file MB |")
+    print("|---|---|---|---|---|")
+    for p in ("reference", "fp32", "int8"):
+        short_m, long_m = mem[(p, "10 s")], mem[(p, f"{long_minutes:g} min")]
+        print(f"| {p} | {short_m['import_s']:.2f} | {short_m['load_s']:.2f} | {short_m['peak_rss_mb']:.0f} | {long_m['peak_rss_mb']:.0f} |")
+    return mem
 
 
 def main() -> None:
@@ -176,6 +194,7 @@ def main() -> None:
     ap.add_argument("--long-minutes", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both paths")
     ap.add_argument("--json", help="also write the raw numbers here")
+    ap.add_argument("--memory-only", action="store_true", help="only peak RSS: 10 s file vs the long file")
     args = ap.parse_args()
 
     from soundtag.convert.synthetic import cached_checkpoint, cached_models
@@ -185,6 +204,9 @@ def main() -> None:
     model_files = {p: models / f"cnn14_audioset_{p}.tflite" for p in ("fp32", "fp16", "int8")}
     with tempfile.TemporaryDirectory() as tmp:
         clips, long = make_files(Path(tmp), args.clips, args.long_minutes)
+        if args.memory_only:
+            probe_memory(clips[0], long, args.long_minutes, model_files, ckpt, args.threads)
+            return
         runners = {"reference": Reference(ckpt, args.threads)}
         runners.update({p: Soundtag(m, args.threads) for p, m in model_files.items()})
         for run in runners.values():  # warm-up
@@ -194,13 +216,7 @@ def main() -> None:
         long_times = {}
         for name, run in runners.items():
             long_times[name] = run(long)["total"]
-        mem, start = {}, {}
-        work_short = "r = tg.tag_file({path!r})"
-        for label, path in (("10 s", clips[0]), (f"{args.long_minutes:g} min", long)):
-            for p in ("fp32", "int8"):
-                mem[(p, label)] = subprocess_probe(STARTUP_SOUNDTAG.format(model=str(model_files[p]), work=work_short.format(path=str(path))))
-            mem[("reference", label)] = subprocess_probe(STARTUP_REFERENCE.format(ckpt=str(ckpt), threads=args.threads, work=f"ref(__import__('pathlib').Path({str(path)!r}))"))
-        start = {p: mem[(p, "10 s")] for p in ("fp32", "int8", "reference")}
+        mem = probe_memory(clips[0], long, args.long_minutes, model_files, ckpt, args.threads)
 
     ref_total = stats["reference"]["total"][0]
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
@@ -215,11 +231,6 @@ def main() -> None:
               f"{GFLOP_PER_CLIP / s['model'][0]:.0f} | {ref_total / s['total'][0]:.2f}x |")
     print(f"\nLong file ({args.long_minutes:g} min, 44.1 kHz stereo): " + ", ".join(
         f"{k} {v:.1f} s ({long_times['reference'] / v:.2f}x)" for k, v in long_times.items()))
-    print("\n| path | import s | model load s | peak RSS 10 s file MB | peak RSS long file MB |")
-    print("|---|---|---|---|---|")
-    for p in ("reference", "fp32", "int8"):
-        print(f"| {p} | {start[p]['import_s']:.2f} | {start[p]['load_s']:.2f} | {mem[(p, '10 s')]['peak_rss_mb']:.0f} | "
-              f"{mem[(p, f'{args.long_minutes:g} min')]['peak_rss_mb']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"stats": stats, "long": long_times,
                                                "memory": {f"{k[0]}|{k[1]}": v for k, v in mem.items()}}, indent=2))

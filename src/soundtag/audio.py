@@ -20,7 +20,7 @@ from .features import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-BLOCK_SECONDS = 10.0  # source audio decoded per block: memory per block, not per file
+BLOCK_SECONDS = 2.0  # source audio decoded per block: memory per block, not per file
 MAX_CHANNELS = 64  # more than this is treated as a broken or non-audio file
 SOXR_QUALITY = "HQ"  # librosa.load's default (res_type='soxr_hq')
 AUDIO_EXTENSIONS = frozenset(

@@ -26,6 +26,7 @@ FMAX_HZ = 14_000.0  # highest mel band edge, Hz
 AMIN = 1e-10  # power floor before the log (torchlibrosa's amin)
 N_FREQS = N_FFT // 2 + 1  # rFFT bins: 513
 N_FRAMES = 1 + CLIP_SAMPLES // HOP_SAMPLES  # frames per window with center=True: 1001
+FRAME_CHUNK = 256  # frames per FFT batch: caps the float64 temporaries, no effect on the result
 MEL_BASIS_FILE = "mel_basis.bin"  # float32, row-major [N_MELS, N_FREQS]
 
 
@@ -64,7 +65,9 @@ def logmel(waveform: np.ndarray, workers: int = 1) -> np.ndarray:
         raise ValueError(f"logmel needs more than {N_FFT // 2} samples, got {x.size}")
     padded = np.pad(x.astype(np.float64, copy=False), N_FFT // 2, mode="reflect")
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_SAMPLES]
-    spectrum = scipy.fft.rfft(frames * _window(), axis=-1, workers=workers)
-    power = spectrum.real**2 + spectrum.imag**2
-    mel = power @ _mel_basis_t64()
-    return (10.0 * np.log10(np.maximum(mel, AMIN))).astype(np.float32)
+    out = np.empty((frames.shape[0], N_MELS), np.float32)
+    for i in range(0, frames.shape[0], FRAME_CHUNK):  # bounded float64 temporaries (~2 MB per chunk)
+        spectrum = scipy.fft.rfft(frames[i : i + FRAME_CHUNK] * _window(), axis=-1, workers=workers)
+        power = spectrum.real**2 + spectrum.imag**2
+        out[i : i + FRAME_CHUNK] = 10.0 * np.log10(np.maximum(power @ _mel_basis_t64(), AMIN))
+    return out

@@ -94,6 +94,9 @@ def test_usage_errors_exit_2(fp32_model, clips, tmp_path, capsys):
     code, _, err = run(capsys, "tag", clips[0], "--model", fp32_model, "--deny", "Speeech")
     assert code == 2 and "unknown AudioSet class 'Speeech'" in err and "Speech" in err
     assert run(capsys, "tag", clips[0], "--model", fp32_model, "--top-k", 0)[0] == 2
+    assert run(capsys, "tag", clips[0], "--model", fp32_model, "--threads", 0)[0] == 2
+    assert run(capsys, "tag", clips[0], "--model", fp32_model, "--hop", -1)[0] == 2
+    assert run(capsys, "tag", clips[0], "--model", fp32_model, "--jobs", 0)[0] == 2
     assert run(capsys, "tag", clips[0], "--model", fp32_model, "--format", "xml")[0] == 2
     assert run(capsys, "tag")[0] == 2
     assert run(capsys, "tag", clips[0], "--model", fp32_model, "--resume")[0] == 2

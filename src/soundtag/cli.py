@@ -156,7 +156,7 @@ def _cmd_tag(args) -> int:
     plot_result = None
     try:
         for path, error in inputs:
-            if error is not None:
+            if error is not None and (out is None or path not in out.done):
                 emit(error_record(path, error))
         for path, result, error in tag_paths(todo, options, jobs=args.jobs, tagger=tagger):
             emit(error_record(path, error) if error else record(result))
@@ -174,6 +174,7 @@ def _cmd_tag(args) -> int:
     progress.close()
     if out is not None:
         out.close()
+        _err(f"{len(inputs) - skipped - failed} tagged, {failed} failed, {skipped} skipped; results in {args.output}")
     if records:
         sys.stdout.write(format_records(records, "json"))
     if plot_result is not None:

@@ -171,6 +171,8 @@ class Tagger:
             raise ValueError(f"top_k must be between 1 and {NUM_CLASSES}, got {o.top_k}")
         if not 0 < o.hop_s:
             raise ValueError(f"hop_s must be positive, got {o.hop_s}")
+        if o.num_threads is not None and o.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {o.num_threads}")
         if o.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {o.aggregate!r}")
         self.hop = max(1, round(o.hop_s * features.SAMPLE_RATE))

@@ -34,8 +34,8 @@ class Piece(nn.Module):
         if self.stage == 0:
             return x * e.bn0_scale + e.bn0_shift
         if self.stage <= 6:
-            for w, b in e.convs[2 * self.stage - 2 : 2 * self.stage]:
-                x = F.relu(F.conv2d(x, w, b, padding=1))
+            for conv in e.convs[2 * self.stage - 2 : 2 * self.stage]:
+                x = conv(x)
             return F.avg_pool2d(x, 2) if e.pools[self.stage - 1] > 1 else x
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)
@@ -63,14 +63,17 @@ def main() -> None:
     import litert_torch
 
     from soundtag.convert.cnn14 import load_body
-    from soundtag.convert.export import _ExportBody
+    from soundtag.convert.export import WINOGRAD_BLOCKS, _ExportBody
     from soundtag.convert.synthetic import cached_checkpoint, cached_models
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--winograd", action="store_true", help="blocks 4-6 as Winograd, as the fp32 model ships")
     args = ap.parse_args()
-    export = _ExportBody(load_body(cached_checkpoint(CACHE))).eval()
+    body = load_body(cached_checkpoint(CACHE))
+    export = _ExportBody(body, WINOGRAD_BLOCKS if args.winograd else ()).eval()
+    conv_shapes = [c.weight.shape for b in body.blocks() for c in (b.conv1, b.conv2)]
     x = torch.from_numpy(np.random.default_rng(0).normal(-40, 20, (1, 1, 1001, 64)).astype(np.float32))
     rows, total = [], 0.0
     for stage in range(8):
@@ -83,17 +86,19 @@ def main() -> None:
         macs = 0
         if 1 <= stage <= 6:
             h, w = x.shape[2], x.shape[3]
-            for wt, _ in export.convs[2 * stage - 2 : 2 * stage]:
-                macs += h * w * wt.shape[0] * wt.shape[1] * 9
+            for shape in conv_shapes[2 * stage - 2 : 2 * stage]:
+                macs += h * w * shape[0] * shape[1] * 9  # direct-convolution multiply-adds
         elif stage == 7:
             macs = sum(fc[0].numel() for fc in (export.fc1, export.fc2))
         name = {0: "bn0", 7: "head (pool, fc1, fc)"}.get(stage, f"block{stage} {tuple(x.shape[1:])}")
         rows.append((name, t, macs))
         total += t
         x = y
-    whole = time_tflite((cached_models(CACHE) / "cnn14_audioset_fp32.tflite").read_bytes(),
+    whole_file = "cnn14_audioset_fp32.tflite" if args.winograd else "cnn14_audioset_fp16.tflite"  # fp16: direct layout
+    whole = time_tflite((cached_models(CACHE) / whole_file).read_bytes(),
                         np.random.default_rng(0).normal(-40, 20, (1, 1, 1001, 64)).astype(np.float32), args.threads, args.runs)
-    print(f"threads={args.threads}; whole model {whole * 1000:.0f} ms, sum of pieces {total * 1000:.0f} ms\n")
+    print(f"threads={args.threads}, winograd={args.winograd}; whole model ({whole_file}) {whole * 1000:.0f} ms, "
+          f"sum of pieces {total * 1000:.0f} ms\n")
     print("| piece | ms | share | G MACs | GFLOP/s |")
     print("|---|---|---|---|---|")
     for name, t, macs in rows:

@@ -28,9 +28,14 @@ def test_report_gates_and_files(models):
         assert g["subgraphs"] == 1 and g["max_rank"] <= 4 and g["gpu_ok"] and g["gpu_unsupported"] == []
         assert "model_builder.cc" in g["gpu_op_source"]
         assert (models / m["file"]).stat().st_size == m["bytes"]
-    assert fp16["bytes"] < 0.55 * fp32["bytes"] and int8["bytes"] < 0.3 * fp32["bytes"]
-    assert fp32["graph"]["ops"]["CONV_2D"] + fp32["graph"]["ops"].get("DEPTHWISE_CONV_2D", 0) == 12
+    assert int8["bytes"] < 0.3 * fp32["bytes"] and int8["bytes"] < 0.55 * fp16["bytes"]
+    # fp16/int8: the model card's layout, 12 direct 3x3 convolutions (the first, 1 channel in, as depthwise)
+    assert fp16["graph"]["ops"]["CONV_2D"] + fp16["graph"]["ops"]["DEPTHWISE_CONV_2D"] == 12
     assert fp16["graph"]["ops"]["DEQUANTIZE"] >= 12  # fp16 weights, dequantized (GPU folds these)
+    assert fp16["convolutions"] == int8["convolutions"] == "direct"
+    # fp32: blocks 4-6 as Winograd (one BATCH_MATMUL per convolution), blocks 1-3 direct
+    assert fp32["convolutions"].startswith("winograd") and fp32["graph"]["ops"]["BATCH_MATMUL"] == 6
+    assert fp32["graph"]["ops"]["CONV_2D"] + fp32["graph"]["ops"]["DEPTHWISE_CONV_2D"] - 6 == 6
     assert "DEQUANTIZE" not in fp32["graph"]["ops"]
 
 
@@ -66,7 +71,7 @@ def corrupted_fp32(checkpoint, models, monkeypatch):
     altered = bias.copy()
     altered[7] += 0.5
     bad = good[:at] + altered.tobytes() + good[at + altered.nbytes :]
-    monkeypatch.setattr(export, "to_fp32_tflite", lambda body: bad)
+    monkeypatch.setattr(export, "to_fp32_tflite", lambda body, winograd=(): bad)
     return bad
 
 
@@ -134,3 +139,17 @@ def test_graph_inspection_flags_non_gpu_ops(tmp_path):
     data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
     g = inspect_graph(bytes(data))
     assert not g.gpu_ok and "ARG_MAX" in g.gpu_unsupported
+
+
+@pytest.mark.parametrize("cin, cout, h, w", [(3, 5, 7, 6), (8, 4, 31, 2), (16, 16, 62, 4)])
+def test_winograd_conv_matches_direct(cin, cout, h, w):
+    """Winograd F(2x2,3x3) vs torch's direct conv2d (the independent reference), odd and even sizes."""
+    from soundtag.convert.winograd import WinogradConv3x3
+
+    g = torch.Generator().manual_seed(cin * cout)
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    x = torch.randn(1, cin, h, w, generator=g, dtype=torch.float64)
+    conv = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous())
+    ref = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
+    torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)

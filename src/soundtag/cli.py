@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="Cnn14_mAP=0.431.pth or a file in the same format")
     c.add_argument("--output-dir", required=True, help="where models, mel basis, labels and report go")
     c.add_argument("--precision", nargs="+", action="extend", help="fp32 fp16 int8 (default: fp32 fp16)")
+    c.add_argument("--no-winograd", action="store_true",
+                   help="fp32 with direct convolutions (smaller file, slower on CPU; fp16/int8 always direct)")
 
     f = sub.add_parser("fetch", help="download the upstream checkpoint, verify it, convert it into the cache")
     f.add_argument("--url", help="download from this URL instead of Zenodo (a mirror)")
@@ -230,13 +232,13 @@ def _cmd_convert(args) -> int:
         _err(f"{args.checkpoint}: no such file")
         return EXIT_FAILED
     try:
-        result = convert_checkpoint(args.checkpoint, args.output_dir, precisions)
+        result = convert_checkpoint(args.checkpoint, args.output_dir, precisions, winograd=not args.no_winograd)
     except (CheckpointError, ValidationError) as exc:
         _err(str(exc))
         return EXIT_FAILED
     for precision, m in result.report["models"].items():
         par, g = m["parity_vs_pytorch"], m["graph"]
-        print(f"{m['file']}: {precision}, {m['bytes'] / 1e6:.1f} MB, corr {par['min_corr']:.7f}, "
+        print(f"{m['file']}: {precision} ({m['convolutions']}), {m['bytes'] / 1e6:.1f} MB, corr {par['min_corr']:.7f}, "
               f"max|dp| {par['max_abs_diff']:.2e}, {g['subgraphs']} subgraph, rank <= {g['max_rank']}, "
               f"GPU ops {'all supported' if g['gpu_ok'] else 'missing ' + ', '.join(g['gpu_unsupported'])}")
     print(f"wrote {len(result.written)} files to {args.output_dir} in {result.report['seconds']} s")

@@ -33,6 +33,7 @@ from .. import features
 from ..labels import labels
 from ..writers import atomic_write_bytes
 from .cnn14 import Cnn14Body, load_body
+from .winograd import WinogradConv3x3
 from .validate import GATES, ValidationError, as_dict, compare, inspect_graph, run_tflite
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,17 @@ REPORT_FILE = "conversion_report.json"
 LABELS_TXT = "audioset_labels.txt"
 PRECISIONS = tuple(MODEL_FILES)
 DEFAULT_PRECISIONS = ("fp32", "fp16")
+WINOGRAD_BLOCKS = (4, 5, 6)  # where Winograd beats XNNPACK's direct conv here (bench/profile_blocks.py)
 AEQ_CHUNK_BYTES = 32 * 1024 * 1024  # ai-edge-quantizer 0.10 chunks weights above this size (#472)
 
 
 class _ExportBody(nn.Module):
-    """CNN14 body with every BatchNorm folded into constants, for conversion only."""
+    """CNN14 body with every BatchNorm folded into constants, for conversion only.
 
-    def __init__(self, body: Cnn14Body) -> None:
+    Blocks listed in ``winograd`` (1-based) run their 3x3 convolutions as Winograd F(2x2, 3x3).
+    """
+
+    def __init__(self, body: Cnn14Body, winograd: tuple[int, ...] = ()) -> None:
         super().__init__()
         keep: list[torch.Tensor] = []
 
@@ -65,12 +70,18 @@ class _ExportBody(nn.Module):
         scale, shift = _bn_affine(body.bn0)
         self.bn0_scale = const(scale.reshape(1, 1, 1, -1))
         self.bn0_shift = const(shift.reshape(1, 1, 1, -1))
-        self.convs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for block in body.blocks():
+        self.convs: list = []  # callables x -> relu(conv(x) + b), two per block
+        h, w = features.N_FRAMES, features.N_MELS
+        for number, (block, pool) in enumerate(zip(body.blocks(), Cnn14Body.POOLS), 1):
             for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2)):
                 s, t = _bn_affine(bn)
-                w = conv.weight.detach().double() * s.reshape(-1, 1, 1, 1)
-                self.convs.append((const(w), const(t)))
+                weight = conv.weight.detach().double() * s.reshape(-1, 1, 1, 1)
+                if number in winograd:
+                    self.convs.append(WinogradConv3x3(weight, t, h, w, const))
+                else:
+                    self.convs.append(_DirectConv(const(weight), const(t)))
+            h, w = h // pool, w // pool
+        self.winograd = tuple(winograd)
         self.pools = Cnn14Body.POOLS
         self.fc1 = (const(body.fc1.weight), const(body.fc1.bias))
         self.fc2 = (const(body.fc_audioset.weight), const(body.fc_audioset.bias))
@@ -79,14 +90,22 @@ class _ExportBody(nn.Module):
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
         x = logmel * self.bn0_scale + self.bn0_shift
         for i, pool in enumerate(self.pools):
-            for w, b in self.convs[2 * i : 2 * i + 2]:
-                x = F.relu(F.conv2d(x, w, b, padding=1))
+            for conv in self.convs[2 * i : 2 * i + 2]:
+                x = conv(x)
             if pool > 1:
                 x = F.avg_pool2d(x, pool)
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)
         x = F.relu(F.linear(x, *self.fc1))
         return torch.sigmoid(F.linear(x, *self.fc2))
+
+
+class _DirectConv:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.conv2d(x, self.weight, self.bias, padding=1))
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,13 +143,13 @@ def reference_probs(body: Cnn14Body, inputs: dict[str, np.ndarray]) -> dict[str,
         return {k: body(torch.from_numpy(v)).double().numpy()[0] for k, v in inputs.items()}
 
 
-def to_fp32_tflite(body: Cnn14Body) -> bytes:
+def to_fp32_tflite(body: Cnn14Body, winograd: tuple[int, ...] = ()) -> bytes:
     """litert-torch conversion of the folded body; returns the flatbuffer bytes (unvalidated)."""
     try:
         import litert_torch
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("conversion needs litert-torch: pip install 'soundtag[convert]'") from exc
-    export = _ExportBody(body).eval()
+    export = _ExportBody(body, winograd).eval()
     sample = (torch.zeros(1, 1, features.N_FRAMES, features.N_MELS),)
     with torch.inference_mode():
         edge = litert_torch.convert(export, sample)
@@ -192,8 +211,8 @@ def _quantize(fp32: bytes, recipe: list) -> bytes:
 class _aeq_no_chunking:
     """Context manager working around ai-edge-quantizer #472 (0.10): for weights over 32 MiB its
     uniform_quantize() takes a chunked path that broadcasts per-channel scales [O,1,1,1] onto a 2-D
-    view and fails. We split such a tensor along its quantized (output-channel) axis into slices
-    under 32 MiB, quantize each slice with its own scales through the regular path, and concatenate:
+    view and fails. We split such a tensor along its quantized (per-channel) axis into slices under
+    16 MiB, quantize each slice with its own scales through the regular path, and concatenate:
     the same per-channel arithmetic, never the broken branch. All callers in the package look the
     function up on its module, so patching the module attribute covers them; it is restored on exit.
     """
@@ -205,28 +224,29 @@ class _aeq_no_chunking:
         original = self._original
 
         def uniform_quantize(tensor_data, quantization_params, is_blockwise_quant=False):
+            axis = quantization_params.quantized_dimension
             scale = np.asarray(quantization_params.scale)
             zero = np.asarray(quantization_params.zero_point)
             if (
                 is_blockwise_quant
                 or tensor_data.ndim < 2
                 or tensor_data.nbytes <= AEQ_CHUNK_BYTES
-                or quantization_params.quantized_dimension != 0
-                or scale.shape[:1] != tensor_data.shape[:1]
+                or axis is None
+                or scale.size != tensor_data.shape[axis]
             ):
                 return original(tensor_data, quantization_params, is_blockwise_quant)
-            rows = max(1, AEQ_CHUNK_BYTES // tensor_data[0].nbytes)
+            step = max(1, tensor_data.shape[axis] * AEQ_CHUNK_BYTES // (2 * tensor_data.nbytes))
             parts = []
-            for k in range(0, tensor_data.shape[0], rows):
-                part = slice(k, k + rows)
+            for k in range(0, tensor_data.shape[axis], step):
+                index = np.arange(k, min(k + step, tensor_data.shape[axis]))
                 params = dataclasses.replace(
                     quantization_params,
-                    scale=scale[part],
-                    zero_point=zero[part] if zero.shape[:1] == scale.shape[:1] else zero,
+                    scale=scale.reshape(-1)[index],
+                    zero_point=zero.reshape(-1)[index] if zero.size == scale.size else zero,
                     quantized_data=None,
                 )
-                parts.append(original(tensor_data[part], params))
-            return np.concatenate(parts, axis=0)
+                parts.append(original(np.take(tensor_data, index, axis=axis), params))
+            return np.concatenate(parts, axis=axis)
 
         uqt.uniform_quantize = uniform_quantize
         return self
@@ -247,8 +267,12 @@ def convert_checkpoint(
     output_dir: str | Path,
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS,
     gates: dict | None = None,
+    winograd: bool = True,
 ) -> ConversionResult:
     """Convert, validate and (only if every model passes) write models, assets and report.
+
+    fp32 runs blocks 4-6 as Winograd convolutions when ``winograd`` (CPU speed, bigger file);
+    fp16 and int8 always keep the direct convolutions of the model card's layout.
 
     Raises ValidationError (after writing the report, but no model) when any model misses its gate.
     """
@@ -269,8 +293,13 @@ def convert_checkpoint(
         "versions": _versions(),
     }
     blobs: dict[str, bytes] = {}
-    fp32 = to_fp32_tflite(body)
-    makers = {"fp32": lambda: fp32, "fp16": lambda: to_fp16_tflite(fp32), "int8": lambda: to_int8_tflite(fp32)}
+    fast = winograd and "fp32" in precisions
+    direct = to_fp32_tflite(body) if not fast or set(precisions) - {"fp32"} else None
+    fp32 = to_fp32_tflite(body, WINOGRAD_BLOCKS) if fast else direct
+    makers = {"fp32": lambda: fp32, "fp16": lambda: to_fp16_tflite(direct), "int8": lambda: to_int8_tflite(direct)}
+    conv_form = {p: "direct" for p in precisions}
+    if fast:
+        conv_form["fp32"] = f"winograd F(2x2,3x3) in blocks {', '.join(map(str, WINOGRAD_BLOCKS))}, direct elsewhere"
     fp32_probs = run_tflite(fp32, inputs)
     for precision in precisions:
         data = makers[precision]()
@@ -280,6 +309,7 @@ def convert_checkpoint(
         entry = {
             "file": MODEL_FILES[precision],
             "precision": precision,
+            "convolutions": conv_form[precision],
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "parity_vs_pytorch": as_dict(parity),

@@ -114,8 +114,10 @@ def cache_key(precisions: tuple[str, ...] = ()) -> str:
 
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for rel in ("convert/synthetic.py", "convert/cnn14.py", "convert/export.py", "convert/validate.py",
-                "features.py", "assets/mel_basis.bin", "assets/speech_espeak.flac"):
+    sources = ["convert/synthetic.py", "convert/cnn14.py", "features.py", "assets/mel_basis.bin"]
+    if precisions:  # the converted models also depend on the converter and its validation inputs
+        sources += ["convert/export.py", "convert/validate.py", "convert/winograd.py", "assets/speech_espeak.flac"]
+    for rel in sources:
         h.update((root / rel).read_bytes())
     for pkg in ("torch", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "numpy"):
         h.update(version(pkg).encode())

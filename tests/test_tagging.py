@@ -205,3 +205,22 @@ def test_tagging_path_never_imports_torch(fp32_model, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_prefetch_order_errors_and_early_stop():
+    import threading
+
+    from soundtag.tagger import prefetch
+
+    assert list(prefetch(iter(range(100)))) == list(range(100))
+
+    def boom():
+        yield 1
+        raise ValueError("decoder broke")
+
+    with pytest.raises(ValueError, match="decoder broke"):
+        list(prefetch(boom()))
+    g = prefetch(iter(range(10**6)))
+    assert next(g) == 0
+    g.close()
+    assert not any(t.name == "soundtag-prefetch" and t.is_alive() for t in threading.enumerate())

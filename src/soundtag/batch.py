@@ -53,23 +53,27 @@ def _tag_one(path: str) -> tuple[str, TagResult | None, str | None]:
 
 def tag_one(tagger: Tagger, path: str) -> tuple[str, TagResult | None, str | None]:
     """(path, result, None) or (path, None, one-line error): bad input never raises."""
-    try:
-        return path, tagger.tag_file(path), None
-    except AudioError as exc:
-        return path, None, str(exc).split(": ", 1)[-1] if str(exc).startswith(path) else str(exc)
-    except MemoryError:
-        return path, None, "out of memory while decoding"
-    except Exception as exc:  # a decoder bug must not end a 50 000-file batch
-        log.debug("unexpected error on %s", path, exc_info=True)
-        return path, None, f"{type(exc).__name__}: {exc}"
+    _, result, error = next(tagger.tag_files([path]))
+    return path, result, None if error is None else error_message(path, error)
+
+
+def error_message(path: str, exc: Exception) -> str:
+    """The cause in one line, without the path the record already carries."""
+    if isinstance(exc, AudioError):
+        text = str(exc)
+        return text[len(path) + 2 :] if text.startswith(f"{path}: ") else text
+    if isinstance(exc, MemoryError):
+        return "out of memory while decoding"
+    log.debug("unexpected error on %s", path, exc_info=exc)  # a decoder bug must not end a batch
+    return f"{type(exc).__name__}: {exc}"
 
 
 def tag_paths(paths: list[str], options: TaggerOptions, jobs: int = 1, tagger: Tagger | None = None) -> Iterator[tuple[str, TagResult | None, str | None]]:
     """Tag paths in order; with jobs > 1 in worker processes that each load the model once."""
     if jobs <= 1 or len(paths) <= 1:
         tagger = tagger or Tagger(options)
-        for p in paths:
-            yield tag_one(tagger, p)
+        for path, result, error in tagger.tag_files(paths):
+            yield path, result, None if error is None else error_message(path, error)
         return
     # spawn, not fork: the parent may run threads (prefetch, XNNPACK), which fork would copy half-way
     context = multiprocessing.get_context("spawn")

@@ -114,6 +114,11 @@ def iter_windows(blocks: Iterable[np.ndarray], hop: int, window: int = features.
         yield start, valid.size, out
 
 
+@dataclass(frozen=True)
+class _FileEnd:
+    duration_s: float
+
+
 class _Raised:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
@@ -132,12 +137,7 @@ def prefetch(items: Iterator, depth: int = PREFETCH_DEPTH) -> Iterator:
     def work() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                q.put(item)
                 if stop.is_set():
                     return
             q.put(done)
@@ -156,7 +156,11 @@ def prefetch(items: Iterator, depth: int = PREFETCH_DEPTH) -> Iterator:
             yield item
     finally:
         stop.set()
-        worker.join(timeout=5)
+        while worker.is_alive():  # unblock a pending put, let the worker see `stop`
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.01)
 
 
 class Tagger:
@@ -187,10 +191,13 @@ class Tagger:
 
     # --- inference -------------------------------------------------------------------------
     def window_probs(self, windows: Iterable[tuple[int, int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Starts, valid lengths (samples) and probabilities [n, 527] of each window."""
-        starts, valid, probs = [], [], []
+        """Starts, valid lengths (samples) and probabilities [n, 527] of (start, valid, waveform) windows."""
         feats = ((start, n, features.logmel(wave)) for start, n, wave in windows)
-        for start, n, lm in prefetch(feats) if self.options.prefetch else feats:
+        return self._probs(prefetch(feats) if self.options.prefetch else feats)
+
+    def _probs(self, feats: Iterable[tuple[int, int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        starts, valid, probs = [], [], []
+        for start, n, lm in feats:
             starts.append(start)
             valid.append(n)
             probs.append(self.model(lm))
@@ -215,9 +222,50 @@ class Tagger:
 
     def tag_file(self, path: str | Path) -> TagResult:
         """Decode (streaming, any format/rate/channels) and tag a file. Raises AudioError on bad input."""
-        stream = AudioStream(path)
-        starts, valid, probs = self.window_probs(iter_windows(stream, self.hop))
-        return self._result(str(path), stream.duration_s, starts, valid, probs)
+        _, result, error = next(self.tag_files([path]))
+        if error is not None:
+            raise error
+        return result
+
+    def tag_files(self, paths: Iterable[str | Path]) -> Iterator[tuple[str, TagResult | None, Exception | None]]:
+        """(path, result, None) or (path, None, error) per file, in order.
+
+        With ``prefetch`` the next window is decoded and log-mel'd in a background thread while the
+        model runs, across file boundaries too, so a batch of short clips overlaps decoding one file
+        with the model on the previous one.
+        """
+        paths = [str(p) for p in paths]
+
+        def produce() -> Iterator[tuple[str, object]]:
+            for path in paths:
+                try:
+                    stream = AudioStream(path)
+                    for start, n, wave in iter_windows(stream, self.hop):
+                        yield path, (start, n, features.logmel(wave))
+                    yield path, _FileEnd(stream.duration_s)
+                except Exception as exc:  # reported for this file; the batch goes on
+                    yield path, exc
+
+        items = iter(prefetch(produce()) if self.options.prefetch else produce())
+        for path in paths:
+            end: list[_FileEnd] = []
+
+            def windows(path: str = path, end: list = end) -> Iterator[tuple[int, int, np.ndarray]]:
+                for owner, item in items:
+                    if owner != path:
+                        continue  # left over from a file whose model step failed
+                    if isinstance(item, _FileEnd):
+                        end.append(item)
+                        return
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+
+            try:
+                starts, valid, probs = self._probs(windows())
+                yield path, self._result(path, end[0].duration_s, starts, valid, probs), None
+            except Exception as exc:
+                yield path, None, exc
 
     # --- reporting -------------------------------------------------------------------------
     def select(self, scores: np.ndarray) -> tuple[Category, ...]:

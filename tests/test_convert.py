@@ -153,3 +153,18 @@ def test_winograd_conv_matches_direct(cin, cout, h, w):
     conv = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous())
     ref = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
     torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
+
+
+def test_cli_convert_direct_fp32(checkpoint, tmp_path, capsys):
+    """--no-winograd writes the model card's direct layout for fp32, through the same gates."""
+    from soundtag.cli import main
+
+    assert main(["convert", str(checkpoint), "--output-dir", str(tmp_path), "--precision", "fp32", "--no-winograd"]) == 0
+    out = capsys.readouterr().out
+    assert "cnn14_audioset_fp32.tflite: fp32 (direct)" in out
+    report = json.loads((tmp_path / "conversion_report.json").read_text())
+    fp32 = report["models"]["fp32"]
+    assert fp32["convolutions"] == "direct" and "BATCH_MATMUL" not in fp32["graph"]["ops"]
+    assert fp32["parity_vs_pytorch"]["min_corr"] >= 0.99999 and fp32["parity_vs_pytorch"]["max_abs_diff"] <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "audioset_labels.txt", "cnn14_audioset_fp32.tflite", "conversion_report.json", "mel_basis.bin"]

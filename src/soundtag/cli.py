@@ -95,7 +95,7 @@ def _cmd_tag(args) -> int:
     from .fetch import ModelNotFoundError
     from .model import ModelError
     from .tagger import Tagger, TaggerOptions
-    from .writers import ResultFile, csv_header, csv_rows, error_record, format_records, jsonl_line, record, table_text
+    from .writers import RECORD_TEXT, ResultFile, csv_header, error_record, format_records, record
 
     options = TaggerOptions(
         model_path=args.model,
@@ -151,7 +151,7 @@ def _cmd_tag(args) -> int:
         elif args.format == "json":
             records.append(rec)
         else:
-            sys.stdout.write({"table": table_text, "jsonl": jsonl_line, "csv": csv_rows}[args.format](rec))
+            sys.stdout.write(RECORD_TEXT[args.format](rec))
             sys.stdout.flush()
 
     progress = _progress(len(todo))

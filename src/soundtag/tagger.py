@@ -114,6 +114,12 @@ def iter_windows(blocks: Iterable[np.ndarray], hop: int, window: int = features.
         yield start, valid.size, out
 
 
+def _features(windows: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, valid, waveform) windows -> (start, valid, log-mel [1001, 64])."""
+    for start, n, wave in windows:
+        yield start, n, features.logmel(wave)
+
+
 @dataclass(frozen=True)
 class _FileEnd:
     duration_s: float
@@ -190,11 +196,6 @@ class Tagger:
         return cls(TaggerOptions(model_path=str(path), **options))
 
     # --- inference -------------------------------------------------------------------------
-    def window_probs(self, windows: Iterable[tuple[int, int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Starts, valid lengths (samples) and probabilities [n, 527] of (start, valid, waveform) windows."""
-        feats = ((start, n, features.logmel(wave)) for start, n, wave in windows)
-        return self._probs(prefetch(feats) if self.options.prefetch else feats)
-
     def _probs(self, feats: Iterable[tuple[int, int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         starts, valid, probs = [], [], []
         for start, n, lm in feats:
@@ -217,7 +218,8 @@ class Tagger:
         duration = x.size / sample_rate
         if sample_rate != features.SAMPLE_RATE:
             x = soxr.resample(x, sample_rate, features.SAMPLE_RATE, quality="HQ")
-        starts, valid, probs = self.window_probs(iter_windows([x], self.hop))
+        feats = _features(iter_windows([x], self.hop))
+        starts, valid, probs = self._probs(prefetch(feats) if self.options.prefetch else feats)
         return self._result(path, duration, starts, valid, probs)
 
     def tag_file(self, path: str | Path) -> TagResult:
@@ -240,8 +242,8 @@ class Tagger:
             for path in paths:
                 try:
                     stream = AudioStream(path)
-                    for start, n, wave in iter_windows(stream, self.hop):
-                        yield path, (start, n, features.logmel(wave))
+                    for item in _features(iter_windows(stream, self.hop)):
+                        yield path, item
                     yield path, _FileEnd(stream.duration_s)
                 except Exception as exc:  # reported for this file; the batch goes on
                     yield path, exc

@@ -113,17 +113,16 @@ def _csv_row(values) -> str:
     return buf.getvalue()
 
 
+RECORD_TEXT = {"table": table_text, "jsonl": jsonl_line, "csv": csv_rows}  # formats streamed record by record
+
+
 def format_records(records: list[dict], fmt: str) -> str:
     """All records in one stdout format."""
     if fmt == "json":
         return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
-    if fmt == "jsonl":
-        return "".join(jsonl_line(r) for r in records)
-    if fmt == "csv":
-        return csv_header() + "".join(csv_rows(r) for r in records)
-    if fmt == "table":
-        return "".join(table_text(r) for r in records)
-    raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt not in RECORD_TEXT:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return (csv_header() if fmt == "csv" else "") + "".join(RECORD_TEXT[fmt](r) for r in records)
 
 
 class ResultFile:

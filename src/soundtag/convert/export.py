@@ -34,7 +34,7 @@ from ..labels import labels
 from ..writers import atomic_write_bytes
 from .cnn14 import Cnn14Body, load_body
 from .winograd import WinogradConv3x3
-from .validate import GATES, ValidationError, as_dict, compare, inspect_graph, run_tflite
+from .validate import GATES, ValidationError, compare, inspect_graph, run_tflite
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +312,12 @@ def convert_checkpoint(
             "convolutions": conv_form[precision],
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
-            "parity_vs_pytorch": as_dict(parity),
-            "graph": as_dict(graph),
+            "parity_vs_pytorch": dataclasses.asdict(parity),
+            "graph": dataclasses.asdict(graph),
             "passed": parity.passed and graph.passed,
         }
         if precision != "fp32":
-            entry["fidelity_vs_fp32"] = as_dict(compare(precision, fp32_probs, probs, {"min_corr": 0.0, "max_abs_diff": None}))
+            entry["fidelity_vs_fp32"] = dataclasses.asdict(compare(precision, fp32_probs, probs, {"min_corr": 0.0, "max_abs_diff": None}))
         report["models"][precision] = entry
         blobs[precision] = data
         log.info("%s: corr %.7f max|dp| %.2e graph %s", precision, parity.min_corr, parity.max_abs_diff, graph.passed)

@@ -9,7 +9,7 @@ only GPU-delegate ops).
 from __future__ import annotations
 
 import collections
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -149,7 +149,3 @@ def run_tflite(model_bytes: bytes, inputs: dict, num_threads: int = 2) -> dict:
         interp.invoke()
         out[name] = interp.get_tensor(i_out)[0].astype(np.float64)
     return out
-
-
-def as_dict(obj) -> dict:
-    return asdict(obj)

@@ -1,7 +1,7 @@
 """Where the CNN14 body's time goes in the LiteRT runtime: each conv block converted on its own and
 timed by the XNNPACK CPU path, with its multiply-adds and achieved GFLOP/s.
 
-    python bench/profile_blocks.py [--threads 2] [--runs 7]
+    python -m bench.profile_blocks [--threads 2] [--runs 7]
 
 The Python LiteRT interpreter exposes no per-op profiler, so the body is cut at block boundaries
 (same folded constants as the real conversion) and each piece is timed separately; the sum is checked
@@ -64,7 +64,7 @@ def main() -> None:
 
     from soundtag.convert.cnn14 import load_body
     from soundtag.convert.export import WINOGRAD_BLOCKS, _ExportBody
-    from soundtag.convert.synthetic import cached_checkpoint, cached_models
+    from tests.fixtures import cached_checkpoint, cached_models
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -1,6 +1,6 @@
 """Speed and memory of soundtag (fp32, fp16, int8) against the PyTorch reference path, in one run.
 
-    python bench/run.py [--clips 20] [--rounds 3] [--long-minutes 10] [--markdown]
+    python -m bench.run [--clips 20] [--rounds 3] [--long-minutes 10] [--markdown]
 
 Reference path (panns_inference style): librosa.load(sr=32000) -> torchlibrosa front end -> CNN14 in
 eager PyTorch, same synthetic checkpoint. Variants are interleaved file by file (A B C D A B C D ...)
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.fixtures import cached_checkpoint, cached_models, scene
+
 # torch's OpenMP workers otherwise spin after each call and steal both cores from the variant that
 # runs next in the interleaved loop; the reference's own time is unchanged (504 vs 507 ms here).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -35,9 +37,6 @@ VARIANTS = ("reference", "fp32", "fp16", "int8")
 def make_files(d: Path, n_clips: int, long_minutes: float) -> tuple[list[Path], Path]:
     """Real-ish inputs: 44.1 kHz stereo 10 s clips (noise bursts, tones, clicks) and one long file."""
     import soundfile as sf
-
-    sys.path.insert(0, str(ROOT))
-    from tests.conftest import scene
 
     clips = []
     for i in range(n_clips):
@@ -181,11 +180,10 @@ print(json.dumps({{"import_s": a - t, "load_s": b - a, "peak_rss_mb": int(hwm) /
 """
 STARTUP_REFERENCE = """
 import json, time, sys
-sys.path.insert(0, "bench")
 t = time.perf_counter()
 import torch, librosa, torchlibrosa
 a = time.perf_counter()
-from run import Reference
+from bench.run import Reference
 ref = Reference(__import__("pathlib").Path({ckpt!r}), {threads})
 b = time.perf_counter()
 {work}
@@ -220,8 +218,6 @@ def main() -> None:
     ap.add_argument("--json", help="also write the raw numbers here")
     ap.add_argument("--memory-only", action="store_true", help="only peak RSS: 10 s file vs the long file")
     args = ap.parse_args()
-
-    from soundtag.convert.synthetic import cached_checkpoint, cached_models
 
     ckpt = cached_checkpoint(CACHE)
     models = cached_models(CACHE)

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from soundtag.audio import MAX_CHANNELS, AudioError, AudioStream, load_audio
-from tests.conftest import scene, write_wav
+from tests.fixtures import scene, write_wav
 
 
 def write_av(path, data: np.ndarray, sr: int, codec: str, layout: str = "mono"):

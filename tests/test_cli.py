@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from soundtag.cli import main
-from tests.conftest import scene, write_wav
+from tests.fixtures import scene, write_wav
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from torchlibrosa.stft import LogmelFilterBank, Spectrogram
 
 from soundtag import features
-from tests.conftest import SR, scene, speech_wave, tone
+from tests.fixtures import SR, scene, speech_wave, tone
 
 TOL_DB = 1e-3  # issue #2: max |delta| vs torchlibrosa
 

@@ -9,6 +9,7 @@ import pytest
 
 from soundtag import fetch
 from soundtag.cli import main
+from soundtag.paths import resolve_model_path
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -98,7 +99,7 @@ def test_fetch_converts_into_cache_and_tag_finds_it(server, checkpoint, tmp_path
     models = tmp_path / "cache" / "models"
     report = json.loads((models / "conversion_report.json").read_text())
     assert report["passed"] and report["checkpoint"]["md5"] == hashlib.md5(data).hexdigest()
-    assert fetch.resolve_model_path() == models / "cnn14_audioset_fp32.tflite"
+    assert resolve_model_path() == (models / "cnn14_audioset_fp32.tflite", True)
 
 
 def test_upstream_constants():

@@ -12,7 +12,7 @@ import torch
 from soundtag import Tagger, TaggerOptions
 from soundtag.features import logmel
 from soundtag.model import Cnn14Model, ModelError
-from tests.conftest import SR, scene, speech_wave, write_wav
+from tests.fixtures import SR, scene, speech_wave, write_wav
 from tests.test_audio import write_av
 from tests.test_features import torchlibrosa_logmel
 
@@ -24,10 +24,13 @@ def tagger(fp32_model):
 
 def reference_clip_probs(body, path, hop_s=10.0) -> np.ndarray:
     """The PANNs reference path: librosa.load(sr=32000) -> torchlibrosa (float32) -> PyTorch body,
-    10 s windows every hop_s (last one zero-padded), max over windows."""
+    10 s windows every hop_s while they fit, then one aligned to the end (a clip under 10 s: one
+    zero-padded window), max over windows."""
     x, _ = librosa.load(str(path), sr=SR)
     n, hop = 320_000, int(hop_s * SR)
-    starts = [0] if x.size <= n else list(range(0, x.size - n + hop, hop))
+    starts = [0] if x.size <= n else list(range(0, x.size - n + 1, hop))
+    if starts[-1] + n < x.size:
+        starts.append(x.size - n)
     probs = []
     for s in starts:
         w = np.zeros(n, np.float32)
@@ -106,7 +109,7 @@ def test_first_window_equals_clip_alone(tagger, tmp_path):
 
 
 @pytest.mark.parametrize("hop, starts, ends", [
-    (10.0, [0, 10, 20], [10, 20, 25]),
+    (10.0, [0, 10, 15], [10, 20, 25]),
     (5.0, [0, 5, 10, 15], [10, 15, 20, 25]),
 ])
 def test_window_times(fp32_model, tmp_path, hop, starts, ends):
@@ -210,7 +213,7 @@ def test_tagging_path_never_imports_torch(fp32_model, tmp_path):
 def test_prefetch_order_errors_and_early_stop():
     import threading
 
-    from soundtag.tagger import prefetch
+    from soundtag.windows import prefetch
 
     assert list(prefetch(iter(range(100)))) == list(range(100))
 

@@ -1,10 +1,22 @@
 """soundtag: AudioSet sound-event tagging with PANNs CNN14 on LiteRT, fed by a numpy log-mel."""
 
-from .audio import AudioError, AudioStream, load_audio
+from .audio import AudioStream, load_audio
+from .errors import (
+    AudioError,
+    FetchError,
+    InferenceError,
+    ModelError,
+    ModelNotFoundError,
+    OptionsError,
+    OutputError,
+    SoundtagError,
+    UnknownClassError,
+)
 from .features import logmel
 from .labels import labels
-from .model import Cnn14Model, ModelError
-from .tagger import Category, Event, Tagger, TaggerOptions, TagResult, WindowResult
+from .model import Cnn14Model
+from .results import Category, Event, TagResult, WindowResult
+from .tagger import Tagger, TaggerOptions
 
 __all__ = [
     "AudioError",
@@ -12,10 +24,17 @@ __all__ = [
     "Category",
     "Cnn14Model",
     "Event",
+    "FetchError",
+    "InferenceError",
     "ModelError",
+    "ModelNotFoundError",
+    "OptionsError",
+    "OutputError",
+    "SoundtagError",
     "Tagger",
     "TaggerOptions",
     "TagResult",
+    "UnknownClassError",
     "WindowResult",
     "labels",
     "load_audio",

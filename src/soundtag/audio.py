@@ -3,35 +3,45 @@
 libsndfile formats (wav, flac, ogg/vorbis, opus, mp3, ...) go through soundfile; everything else
 FFmpeg reads (m4a/aac, wma, video containers) through PyAV. Channels are averaged (as librosa's
 to_mono), then resampled with soxr at high quality (librosa.load's default res_type 'soxr_hq').
+
+A source is a path or a binary file object (an upload). FFmpeg only ever gets an open file object and
+an empty protocol whitelist: a file called ``http:host.m4a``, ``tcp:...`` or ``concat:...`` is read as
+the file it is, and a playlist or concat script cannot make FFmpeg open anything else.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soxr
 
+from .errors import AudioError
 from .features import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 BLOCK_SECONDS = 2.0  # source audio decoded per block: memory per block, not per file
+BLOCK_MAX_VALUES = 1 << 22  # samples x channels per block at most (16 MB of float32), whatever the rate
 MAX_CHANNELS = 64  # more than this is treated as a broken or non-audio file
+MIN_SAMPLE_RATE = 1_000  # Hz; below this a header is broken or a decompression bomb (1 Hz x 12 days = 3 kB)
+MAX_SAMPLE_RATE = 1_536_000  # Hz; 8x 192 kHz, above any real recording
+DEFAULT_MAX_DURATION_S = 24 * 3600.0  # longest input accepted unless told otherwise
+RESAMPLE_SAFE_PEAK = 1e37  # |sample| above which soxr's float32 filter could overflow (full scale is 1.0)
 SOXR_QUALITY = "HQ"  # librosa.load's default (res_type='soxr_hq')
+STREAMED_DATA_SIZES = (0xFFFFFFFF, 0x7FFFFFFF)  # WAV data sizes written by pipes (ffmpeg -f wav -, arecord)
+FFMPEG_OPTIONS = {"protocol_whitelist": ""}  # FFmpeg may open no other file or URL than the one we hand it
+PLAYLIST_FORMATS = frozenset({"hls", "concat", "dash"})  # demuxers that only point at other files
 AUDIO_EXTENSIONS = frozenset(
     ".wav .wave .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .caf .w64 .rf64 .m4a .mp4 .aac .wma .webm "
     ".mkv .mov .avi .3gp .amr .ac3 .mka .m4b".split()
 )
-
-
-class AudioError(ValueError):
-    """A file that cannot be decoded into audio samples; the message names the file and the cause."""
-
 
 @dataclass(frozen=True)
 class AudioInfo:
@@ -41,44 +51,80 @@ class AudioInfo:
 
 
 class AudioStream:
-    """Iterate float32 mono 32 kHz blocks of a file. ``frames`` counts source frames read so far."""
+    """Iterate float32 mono 32 kHz blocks of a file. ``frames`` counts source frames read so far.
 
-    def __init__(self, path: str | Path, block_s: float = BLOCK_SECONDS) -> None:
-        self.path = str(path)
+    ``source``: a path, or a seekable binary file object (then ``name`` labels it in errors).
+    ``max_duration_s``: inputs declaring or decoding to more than this are refused.
+    """
+
+    def __init__(self, source, block_s: float = BLOCK_SECONDS, max_duration_s: float = DEFAULT_MAX_DURATION_S,
+                 name: str | None = None) -> None:
         self.block_s = block_s
+        self.max_duration_s = max_duration_s
         self.frames = 0
-        p = Path(path)
-        if not p.exists():
-            raise AudioError(f"{p}: no such file")
-        if p.is_dir():
-            raise AudioError(f"{p}: is a directory")
-        if p.stat().st_size == 0:
-            raise AudioError(f"{p}: empty file (0 bytes)")
-        self._source = _open(p)
+        self._owned = isinstance(source, (str, os.PathLike))  # we opened it, we close it
+        if self._owned:
+            self.path = os.fspath(source)
+            self._file = _open_path(self.path)
+        else:
+            self.path = name or str(getattr(source, "name", "<stream>"))
+            self._file = source
+        try:
+            self._source = _open(self._file, self.path, by_path=self._owned)
+        except BaseException:
+            if self._owned:
+                self._file.close()
+            raise
         self.info = AudioInfo(self.path, self._source.sample_rate, self._source.channels)
-        if not 1 <= self.info.channels <= MAX_CHANNELS:
-            raise AudioError(f"{p}: unsupported channel count {self.info.channels}")
-        if self.info.sample_rate <= 0:
-            raise AudioError(f"{p}: invalid sample rate {self.info.sample_rate}")
+        try:
+            self._check_header()
+        except AudioError:
+            self.close()
+            raise
+
+    def _check_header(self) -> None:
+        sr, ch = self.info.sample_rate, self.info.channels
+        if not 1 <= ch <= MAX_CHANNELS:
+            raise AudioError(f"unsupported channel count {ch}", self.path)
+        if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+            raise AudioError(f"sample rate {sr} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz "
+                             "(a broken header or not a recording)", self.path)
+        declared = self._source.declared_frames
+        if declared and declared / sr > self.max_duration_s:
+            raise AudioError(f"declares {declared / sr / 3600:.1f} h of audio, more than the maximum "
+                             f"{self.max_duration_s / 3600:g} h (--max-duration)", self.path)
 
     @property
     def duration_s(self) -> float:
         """Decoded duration at the source rate (complete once iteration has finished)."""
         return self.frames / self.info.sample_rate
 
+    def close(self) -> None:
+        self._source.close()
+        if self._owned:
+            self._file.close()
+
     def __iter__(self) -> Iterator[np.ndarray]:
-        sr = self.info.sample_rate
+        sr, ch = self.info.sample_rate, self.info.channels
         resampler = None if sr == SAMPLE_RATE else soxr.ResampleStream(sr, SAMPLE_RATE, 1, "float32", SOXR_QUALITY)
-        blocksize = max(1, int(self.block_s * sr))
+        blocksize = max(1, min(int(self.block_s * sr), BLOCK_MAX_VALUES // ch))
+        max_frames = self.max_duration_s * sr
         try:
             for block in self._source.blocks(blocksize):
                 if block.size == 0:
                     continue
-                if not np.isfinite(block).all():
+                peak = float(np.max(np.abs(block)))  # one pass: NaN or inf if any sample is not finite
+                if not np.isfinite(peak):
                     bad = np.flatnonzero(~np.isfinite(block).all(axis=1))[0] + self.frames
-                    raise AudioError(f"{self.path}: non-finite sample (NaN or Inf) at {bad / sr:.3f} s")
+                    raise AudioError(f"non-finite sample (NaN or Inf) at {bad / sr:.3f} s", self.path)
+                if resampler is not None and peak > RESAMPLE_SAFE_PEAK:
+                    raise AudioError(f"sample values up to {peak:.3g} (full scale is 1.0) would overflow "
+                                     "float32 resampling: not audio, or wrongly scaled float data", self.path)
                 self.frames += block.shape[0]
-                mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+                if self.frames > max_frames:
+                    raise AudioError(f"longer than the maximum {self.max_duration_s / 3600:g} h (--max-duration)", self.path)
+                # scale before summing: the mean of finite float32 samples cannot overflow
+                mono = (block * np.float32(1.0 / ch)).sum(axis=1, dtype=np.float32) if ch > 1 else block[:, 0]
                 out = mono if resampler is None else resampler.resample_chunk(mono)
                 if out.size:
                     yield np.ascontiguousarray(out, dtype=np.float32)
@@ -88,39 +134,60 @@ class AudioStream:
                     yield tail.astype(np.float32, copy=False)
         except AudioError:
             raise
+        except MemoryError:
+            raise AudioError(f"out of memory decoding after {self.frames / sr:.3f} s", self.path) from None
         except Exception as exc:  # decoder errors in the middle of a file (truncated, corrupt)
-            raise AudioError(f"{self.path}: decoding failed after {self.frames / sr:.3f} s ({_why(exc)})") from None
+            raise AudioError(f"decoding failed after {self.frames / sr:.3f} s ({_why(exc)})", self.path) from None
         finally:
-            self._source.close()
+            self.close()
         if self.frames == 0:
-            raise AudioError(f"{self.path}: no audio samples (zero-length)")
+            raise AudioError("no audio samples (zero-length)", self.path)
         self._source.check_complete(self)
 
 
-def load_audio(path: str | Path) -> tuple[np.ndarray, AudioInfo, float]:
+def load_audio(source, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> tuple[np.ndarray, AudioInfo, float]:
     """Whole file as float32 mono 32 kHz, with its info and source duration in seconds."""
-    stream = AudioStream(path)
+    stream = AudioStream(source, max_duration_s=max_duration_s)
     blocks = list(stream)
     return np.concatenate(blocks), stream.info, stream.duration_s
 
 
 def _why(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _open_path(path: str) -> BinaryIO:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise AudioError("no such file", path) from None
+    except IsADirectoryError:
+        raise AudioError("is a directory", path) from None
+    except OSError as exc:
+        raise AudioError(f"cannot open ({exc.strerror or _why(exc)})", path) from None
+    if not os.path.isfile(path):  # a FIFO, a device: reading could block forever
+        f.close()
+        raise AudioError("not a regular file", path)
+    if os.fstat(f.fileno()).st_size == 0:
+        f.close()
+        raise AudioError("empty file (0 bytes)", path)
+    return f
 
 
 class _SoundFileSource:
-    def __init__(self, f) -> None:
+    def __init__(self, f, path: str) -> None:
         self._f = f
         self.sample_rate = f.samplerate
         self.channels = f.channels
-        self.declared = f.frames
-        # libsndfile notes a chunk shorter than its header declares as "data : N (should be M)"
+        self.declared_frames = f.frames
+        # libsndfile notes a chunk shorter than its header declares as "data : N (should be M)"; a
+        # piped WAV declares 0xFFFFFFFF or 0x7FFFFFFF ("unknown, read to the end"), which is not a truncation
         short = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", f.extra_info or "", re.M)
-        if short and int(short.group(2)) < int(short.group(1)):
+        if short and int(short.group(2)) < int(short.group(1)) and int(short.group(1)) not in STREAMED_DATA_SIZES:
             f.close()
-            raise AudioError(f"{f.name}: truncated: header declares {short.group(1)} bytes of audio data, "
-                             f"the file holds {short.group(2)}")
+            raise AudioError(f"truncated: header declares {short.group(1)} bytes of audio data, "
+                             f"the file holds {short.group(2)}", path)
 
     def blocks(self, n: int) -> Iterator[np.ndarray]:
         while True:
@@ -133,18 +200,22 @@ class _SoundFileSource:
         self._f.close()
 
     def check_complete(self, stream: AudioStream) -> None:
-        if self.declared > 0 and stream.frames < self.declared:
-            raise AudioError(
-                f"{stream.path}: truncated: header declares {self.declared} frames, only {stream.frames} readable"
-            )
+        if self.declared_frames > 0 and stream.frames < self.declared_frames:
+            raise AudioError(f"truncated: header declares {self.declared_frames} frames, "
+                             f"only {stream.frames} readable", stream.path)
 
 
 class _AVSource:
-    def __init__(self, container) -> None:
+    def __init__(self, container, path: str) -> None:
         self._c = container
         self._s = container.streams.audio[0]
         self.sample_rate = int(self._s.codec_context.sample_rate or self._s.rate or 0)
         self.channels = int(self._s.codec_context.channels)
+        self.declared_frames = 0
+        if self._s.duration and self._s.time_base:
+            self.declared_frames = int(self._s.duration * self._s.time_base * self.sample_rate)
+        elif container.duration:
+            self.declared_frames = int(container.duration / 1_000_000 * self.sample_rate)
 
     def blocks(self, n: int) -> Iterator[np.ndarray]:
         import av
@@ -173,24 +244,36 @@ class _AVSource:
         pass
 
 
-def _open(path: Path):
+def _open(f: BinaryIO, path: str, by_path: bool):
+    """A block source: libsndfile first (by path when we have one: no Python I/O callbacks), then FFmpeg."""
     import soundfile as sf
 
     try:
-        return _SoundFileSource(sf.SoundFile(str(path)))
-    except AudioError:
-        raise
+        sfile = sf.SoundFile(os.fsencode(path) if by_path else f)  # bytes: names that are not UTF-8 too
     except Exception as sf_exc:  # not a libsndfile format: try FFmpeg
         first = _why(sf_exc)
+    else:
+        if sfile.frames > 0 or not _is_streamed_wav_without_size(sfile):
+            return _SoundFileSource(sfile, path)
+        sfile.close()  # a piped WAV with data size 0: FFmpeg reads such a file to its end
+    f.seek(0)
     try:
         import av
     except ImportError:  # pragma: no cover - av is a hard dependency
-        raise AudioError(f"{path}: not readable by libsndfile ({first}); install PyAV for other formats") from None
+        raise AudioError(f"not readable by libsndfile ({first}); install PyAV for other formats", path) from None
     try:
-        container = av.open(str(path))
+        container = av.open(f, options=dict(FFMPEG_OPTIONS))
     except Exception as exc:
-        raise AudioError(f"{path}: not an audio file ({_why(exc)})") from None
-    if not container.streams.audio:
+        raise AudioError(f"not an audio file ({_why(exc)})", path) from None
+    if container.format.name in PLAYLIST_FORMATS or not container.streams.audio:
+        kind = container.format.name
         container.close()
-        raise AudioError(f"{path}: no audio stream")
-    return _AVSource(container)
+        if kind in PLAYLIST_FORMATS:
+            raise AudioError(f"a {kind} playlist, not a media file (soundtag opens no other files or URLs)", path)
+        raise AudioError("no audio stream", path)
+    return _AVSource(container, path)
+
+
+def _is_streamed_wav_without_size(sfile) -> bool:
+    return (sfile.format in ("WAV", "WAVEX", "RF64") and re.search(r"^data\s*:\s*0\s*$", sfile.extra_info or "", re.M)
+            is not None)

@@ -1,18 +1,22 @@
 """`soundtag` command line: builds options, calls the public API, prints results.
 
-Exit codes: 0 all inputs ok, 1 some inputs failed, 2 usage error, 130 interrupted.
-Results go to stdout (or --output FILE); errors and progress to stderr.
+Exit codes: 0 all inputs ok, 1 some inputs failed, 2 usage error, 130 interrupted, 141 output closed
+(broken pipe). Results go to stdout (or --output FILE); errors and progress to stderr, one line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+TEXT_ERRORS = "soundtag-path"  # stdout/stderr error handler for file names in any locale
 
 
 class UsageError(Exception):
@@ -20,11 +24,37 @@ class UsageError(Exception):
 
 
 def _err(msg: str) -> None:
-    print(f"soundtag: {msg}", file=sys.stderr)
+    print(f"soundtag: {msg}", file=sys.stderr, flush=True)
+
+
+def _path_bytes_or_escape(err: UnicodeError):
+    """Encoding error handler: undecodable file-name bytes (surrogate escapes) go out as the original
+    bytes, as `ls` shows them; characters the locale cannot encode become backslash escapes."""
+    chunk = err.object[err.start : err.end]
+    if isinstance(err, UnicodeEncodeError) and all("\udc80" <= c <= "\udcff" for c in chunk):
+        return bytes(ord(c) - 0xDC00 for c in chunk), err.end
+    return codecs.backslashreplace_errors(err)
+
+
+codecs.register_error(TEXT_ERRORS, _path_bytes_or_escape)
+
+
+def _finite(kind: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{kind} must be finite, got {text!r}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tagger import AGGREGATES, WINDOW_S
+    from .scoring import AGGREGATES
+    from .windows import WINDOW_S
     from .writers import FORMATS
 
     p = argparse.ArgumentParser(prog="soundtag", description="AudioSet sound-event tagging with PANNs CNN14 on LiteRT.")
@@ -36,12 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
     t.add_argument("--top-k", type=int, default=5, help="tags per clip and per window (1-527, default 5)")
     t.add_argument("--format", choices=FORMATS, default="table", help="stdout format (default table)")
-    t.add_argument("--threshold", type=float, help="report only scores >= this; also the event threshold (default 0.5)")
+    t.add_argument("--threshold", type=_finite("--threshold"), help="report only scores >= this, in [0, 1]; also the event threshold (default 0.5)")
     t.add_argument("--thresholds", metavar="FILE", help="per-class thresholds: JSON {name: t} or lines 'name,t'")
     t.add_argument("--allow", nargs="+", action="extend", metavar="CLASS", help="report only these classes (names or MIDs)")
     t.add_argument("--deny", nargs="+", action="extend", metavar="CLASS", help="never report these classes")
-    t.add_argument("--hop", type=float, default=WINDOW_S, metavar="SECONDS", help="seconds between 10 s windows (default 10)")
+    t.add_argument("--hop", type=_finite("--hop"), default=WINDOW_S, metavar="SECONDS", help="seconds between 10 s windows (default 10)")
     t.add_argument("--aggregate", choices=AGGREGATES, default="max", help="clip score from windows (default max)")
+    t.add_argument("--max-duration", type=_finite("--max-duration"), default=24 * 3600, metavar="SECONDS",
+                   help="refuse inputs longer than this (default 86400 = 24 h)")
     t.add_argument("--jobs", type=int, default=1, help="worker processes, each loading the model once (default 1)")
     t.add_argument("--threads", type=int, help="LiteRT threads per process (default: one per core, up to 4)")
     t.add_argument("--output", metavar="FILE", help="write one combined file: .jsonl, .csv or Raven selection table .txt")
@@ -57,14 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 with direct convolutions (smaller file, slower on CPU; fp16/int8 always direct)")
 
     f = sub.add_parser("fetch", help="download the upstream checkpoint, verify it, convert it into the cache")
-    f.add_argument("--url", help="download from this URL instead of Zenodo (a mirror)")
+    f.add_argument("--url", help="download from this URL instead of Zenodo (a mirror); still verified")
     f.add_argument("--md5", help="expected md5 (default: the upstream checkpoint's)")
     f.add_argument("--bytes", type=int, help="expected size in bytes (default: the upstream checkpoint's)")
+    f.add_argument("--no-verify", action="store_true", help="accept any file from --url (no size or md5 check)")
     f.add_argument("--precision", nargs="+", action="extend", help="fp32 fp16 int8 (default: fp32 fp16)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=TEXT_ERRORS)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -76,9 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
+    except BrokenPipeError:  # `soundtag tag ... | head`: the reader has gone
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _cmd_tag(args) -> int:
+    from .errors import ModelError, OptionsError, OutputError
     from .labels import labels
 
     if args.labels:
@@ -89,82 +138,54 @@ def _cmd_tag(args) -> int:
         raise UsageError("tag: give at least one PATH (file, folder or @list.txt)")
     if args.resume and not args.output:
         raise UsageError("--resume needs --output FILE")
-    if args.jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
-    from .batch import expand_inputs, tag_paths
-    from .fetch import ModelNotFoundError
-    from .model import ModelError
+    from .batch import cap_jobs, expand_inputs, run_batch
     from .tagger import Tagger, TaggerOptions
-    from .writers import RECORD_TEXT, ResultFile, csv_header, error_record, format_records, record
+    from .writers import ResultFile, StreamSink
 
-    options = TaggerOptions(
-        model_path=args.model,
-        top_k=args.top_k,
-        threshold=args.threshold,
-        thresholds=_read_thresholds(args.thresholds) if args.thresholds else None,
-        hop_s=args.hop,
-        aggregate=args.aggregate,
-        allow=args.allow,
-        deny=args.deny,
-        num_threads=args.threads,
-    )
     try:
-        tagger = Tagger(options)  # validates options and the model once, before any worker starts
-    except KeyError as exc:  # unknown class name in --allow/--deny/--thresholds
-        raise UsageError(exc.args[0]) from None
-    except ValueError as exc:
-        if isinstance(exc, ModelError):
-            _err(str(exc))
-            return EXIT_FAILED
+        options = TaggerOptions(
+            model_path=args.model, top_k=args.top_k, threshold=args.threshold,
+            thresholds=_read_thresholds(args.thresholds) if args.thresholds else None,
+            hop_s=args.hop, aggregate=args.aggregate, allow=args.allow, deny=args.deny,
+            num_threads=args.threads, max_duration_s=args.max_duration,
+        )
+    except OptionsError as exc:
         raise UsageError(str(exc)) from None
-    except ModelNotFoundError as exc:
+    try:
+        tagger = Tagger(options)  # loads and checks the model once, before any worker starts
+    except ModelError as exc:
         _err(str(exc))
         return EXIT_FAILED
-
-    print(f"soundtag: model {tagger.model.path} ({tagger.model.precision})", file=sys.stderr)
+    try:
+        jobs, warning = cap_jobs(args.jobs, tagger.model.path)
+        out = ResultFile(args.output, resume=args.resume) if args.output else None  # refused before any tagging
+    except (OptionsError, OutputError) as exc:
+        raise UsageError(str(exc)) from None
+    if warning:
+        _err(warning)
+    _err(f"model {tagger.model.path} ({tagger.model.precision})")
     inputs = list(expand_inputs(args.paths))
     if args.plot and len(inputs) != 1:
+        if out is not None:
+            out.abandon()
         raise UsageError("--plot draws one input; give exactly one file")
-    out = None
-    if args.output:
-        try:
-            out = ResultFile(args.output, resume=args.resume)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    failed = 0
-    records: list[dict] = []
-    todo = [p for p, e in inputs if e is None and (out is None or p not in out.done)]
-    skipped = sum(1 for p, e in inputs if e is None) - len(todo)
+    sink = out if out is not None else StreamSink(sys.stdout, args.format)
+    done = out.done if out is not None else set()
+    skipped = sum(1 for p, e in inputs if e is None and p in done)
     if skipped:
         _err(f"resume: {skipped} input(s) already in {args.output}, skipped")
+    progress = _progress(sum(1 for p, e in inputs if e is None) - skipped)
+    plotted = []
 
-    if out is None and args.format == "csv":
-        sys.stdout.write(csv_header())
+    def on_record(path: str, result) -> None:
+        progress.update(1)
+        if args.plot and result is not None:
+            plotted.append(result)
 
-    def emit(rec: dict) -> None:
-        nonlocal failed
-        if "error" in rec:
-            failed += 1
-            _err(f"{rec['path']}: {rec['error']}")
-        if out is not None:
-            out.write(rec)
-        elif args.format == "json":
-            records.append(rec)
-        else:
-            sys.stdout.write(RECORD_TEXT[args.format](rec))
-            sys.stdout.flush()
-
-    progress = _progress(len(todo))
-    plot_result = None
     try:
-        for path, error in inputs:
-            if error is not None and (out is None or path not in out.done):
-                emit(error_record(path, error))
-        for path, result, error in tag_paths(todo, options, jobs=args.jobs, tagger=tagger):
-            emit(error_record(path, error) if error else record(result))
-            if args.plot and result is not None:
-                plot_result = result
-            progress.update(1)
+        counts = run_batch(inputs, tagger, [sink], jobs=jobs, done=done,
+                           on_error=lambda path, reason: _err(f"{path}: {reason}"),
+                           on_record=on_record)
     except KeyboardInterrupt:
         progress.close()
         if out is not None:
@@ -173,17 +194,27 @@ def _cmd_tag(args) -> int:
         else:
             _err("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        if out is not None:
+            out.abandon()
+        raise
+    except Exception as exc:  # a failure of the run itself (disk full, a lost worker): keep what is done
+        progress.close()
+        if out is not None:
+            part = out.abandon()
+            _err(f"failed: {exc}; {len(out.done)} input(s) saved in {part} (rerun with --resume)")
+        else:
+            _err(f"failed: {exc}")
+        return EXIT_FAILED
     progress.close()
+    sink.close()
     if out is not None:
-        out.close()
-        _err(f"{len(inputs) - skipped - failed} tagged, {failed} failed, {skipped} skipped; results in {args.output}")
-    if records:
-        sys.stdout.write(format_records(records, "json"))
-    if plot_result is not None:
+        _err(f"{counts.tagged} tagged, {counts.failed} failed, {counts.skipped} skipped; results in {args.output}")
+    if plotted:
         from .plot import plot_timeline
 
-        plot_timeline(plot_result, args.plot)
-    return EXIT_FAILED if failed else EXIT_OK
+        plot_timeline(plotted[0], args.plot)
+    return EXIT_FAILED if counts.failed else EXIT_OK
 
 
 def _progress(total: int):
@@ -195,12 +226,17 @@ def _progress(total: int):
 def _read_thresholds(path: str) -> dict[str, float]:
     """JSON {name-or-MID: threshold}, or one 'name-or-MID,threshold' per line (# comments)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as exc:
         raise UsageError(f"--thresholds {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--thresholds {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         if path.endswith(".json"):
-            table = {str(k): float(v) for k, v in json.loads(text).items()}
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError("expected a JSON object {class: threshold}")
+            table = {str(k): float(v) for k, v in raw.items()}
         else:
             table = {}
             for n, line in enumerate(text.splitlines(), 1):
@@ -211,16 +247,16 @@ def _read_thresholds(path: str) -> dict[str, float]:
                 if not name:
                     raise ValueError(f"line {n}: expected 'name,threshold'")
                 table[name.strip()] = float(value)
-    except (ValueError, AttributeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise UsageError(f"--thresholds {path}: {exc}") from None
     return table
 
 
 def _cmd_convert(args) -> int:
     try:
-        from .convert.export import DEFAULT_PRECISIONS, PRECISIONS, convert_checkpoint
         from .convert.cnn14 import CheckpointError
-        from .convert.validate import ValidationError
+        from .convert.export import DEFAULT_PRECISIONS, PRECISIONS, convert_checkpoint
+        from .errors import ValidationError
     except ImportError as exc:
         _err(f"convert needs the conversion tools: pip install 'soundtag[convert]' ({exc})")
         return EXIT_FAILED
@@ -247,6 +283,10 @@ def _cmd_convert(args) -> int:
 
 def _cmd_fetch(args) -> int:
     from . import fetch as f
+    from .errors import FetchError
+
+    if args.no_verify and (args.md5 or args.bytes is not None):
+        raise UsageError("--no-verify and --md5/--bytes contradict each other")
 
     def progress(have: int, total: int | None) -> None:
         if sys.stderr.isatty():
@@ -256,12 +296,12 @@ def _cmd_fetch(args) -> int:
     try:
         where = f.fetch(
             url=args.url or f.UPSTREAM_URL,
-            expected_bytes=args.bytes if args.bytes is not None else (None if args.url else f.UPSTREAM_BYTES),
-            expected_md5=args.md5 or (None if args.url else f.UPSTREAM_MD5),
+            expected_bytes=None if args.no_verify else (args.bytes if args.bytes is not None else f.UPSTREAM_BYTES),
+            expected_md5=None if args.no_verify else (args.md5 or f.UPSTREAM_MD5),
             precisions=tuple(args.precision) if args.precision else None,
             progress=progress,
         )
-    except f.FetchError as exc:
+    except FetchError as exc:
         _err(str(exc))
         return EXIT_FAILED
     except Exception as exc:  # conversion refused the checkpoint
@@ -269,10 +309,6 @@ def _cmd_fetch(args) -> int:
         return EXIT_FAILED
     print(f"models ready in {where}")
     return EXIT_OK
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 
 
 def main_exit() -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from .errors import UnknownClassError
+
 LABELS_FILE = "class_labels_indices.csv"
 NUM_CLASSES = 527
 
@@ -47,7 +49,7 @@ def _by_key() -> dict[str, int]:
 def lookup(key: str) -> int:
     """Class index of a display name (case-insensitive) or a MID.
 
-    Raises KeyError with the closest labels when the key is unknown.
+    Raises UnknownClassError (a KeyError) naming the closest labels when the key is unknown.
     """
     index = _by_key().get(key) if key.startswith("/") else _by_key().get(key.casefold())
     if index is not None:
@@ -55,4 +57,4 @@ def lookup(key: str) -> int:
     names = [lab.name for lab in labels()]
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise KeyError(f"unknown AudioSet class {key!r}{hint}")
+    raise UnknownClassError(f"unknown AudioSet class {key!r}{hint}")

@@ -1,4 +1,8 @@
-"""LiteRT CNN14 body: log-mel [1, 1, 1001, 64] float32 in, probabilities [1, 527] float32 out."""
+"""LiteRT CNN14 body: log-mel [1, 1, 1001, 64] float32 in, probabilities [1, 527] float32 out.
+
+One wrapper for every user of a model: the tagger, and the converter's validation, which runs the
+bytes it is about to write through ``Cnn14Model.from_bytes`` so the gate tests the code that ships.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InferenceError, ModelError
 from .features import N_FRAMES, N_MELS
 from .labels import NUM_CLASSES
 
@@ -18,45 +23,55 @@ OUTPUT_SHAPE = (1, NUM_CLASSES)  # sigmoid probabilities
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # XNNPACK threads; one per core up to 4
 
 
-class ModelError(ValueError):
-    """The file is not a CNN14 LiteRT model with the expected signature."""
-
-
 class Cnn14Model:
     """A loaded .tflite CNN14 body. Call it with a log-mel [1001, 64] or [1, 1, 1001, 64]."""
 
     def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
         self.path = Path(path)
         if not self.path.is_file():
-            raise ModelError(f"{self.path}: model file not found")
+            raise ModelError("model file not found", str(self.path))
+        self._load(str(self.path), dict(model_path=str(self.path)), num_threads)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, num_threads: int | None = None, name: str = "<bytes>") -> Cnn14Model:
+        """A model from flatbuffer bytes (the converter checks what it is about to write this way)."""
+        self = cls.__new__(cls)
+        self.path = Path(name)
+        self._load(name, dict(model_content=bytes(data)), num_threads)
+        return self
+
+    def _load(self, name: str, source: dict, num_threads: int | None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
         try:
-            self._interp = Interpreter(model_path=str(self.path), num_threads=num_threads or DEFAULT_THREADS)
+            self._interp = Interpreter(**source, num_threads=num_threads or DEFAULT_THREADS)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"{self.path}: not a LiteRT model ({exc})") from None
+            raise ModelError(f"not a LiteRT model ({' '.join(str(exc).split())})", name) from None
         inputs, outputs = self._interp.get_input_details(), self._interp.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelError(f"{self.path}: expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}")
+            raise ModelError(f"expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}", name)
         for kind, det, shape in (("input", inputs[0], INPUT_SHAPE), ("output", outputs[0], OUTPUT_SHAPE)):
             got = [int(d) for d in det["shape"]]
             if tuple(got) != shape or det["dtype"] != np.float32:
                 raise ModelError(
-                    f"{self.path}: {kind} is {np.dtype(det['dtype']).name}{got}, "
-                    f"expected float32{list(shape)} (not a CNN14 AudioSet model)"
-                )
+                    f"{kind} is {np.dtype(det['dtype']).name}{got}, expected float32{list(shape)} "
+                    "(not a CNN14 AudioSet model)", name)
         self._in = inputs[0]["index"]
         self._out = outputs[0]["index"]
         self.precision = _precision(self._interp.get_tensor_details())
-        log.info("loaded %s (%s)", self.path, self.precision)
+        log.info("loaded %s (%s)", name, self.precision)
 
     def __call__(self, logmel: np.ndarray) -> np.ndarray:
-        """Probabilities [527] for one window's log-mel."""
+        """Probabilities [527] for one window's log-mel; InferenceError if any is not in [0, 1]."""
         x = np.asarray(logmel, dtype=np.float32).reshape(INPUT_SHAPE)
         self._interp.set_tensor(self._in, x)
         self._interp.invoke()
-        return self._interp.get_tensor(self._out)[0].copy()
+        probs = self._interp.get_tensor(self._out)[0].copy()
+        if not (np.isfinite(probs).all() and probs.min() >= 0.0 and probs.max() <= 1.0):
+            bad = int(np.count_nonzero(~(np.isfinite(probs) & (probs >= 0) & (probs <= 1))))
+            raise InferenceError(f"the model produced {bad} non-finite or out-of-range probabilities")
+        return probs
 
 
 def _precision(tensors: list[dict]) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from .labels import labels
-from .tagger import WINDOW_S, TagResult
+from .results import TagResult
+from .windows import WINDOW_S
 
 PLOT_CLASSES = 10  # rows in the timeline: the classes with the highest clip scores
 

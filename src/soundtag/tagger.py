@@ -1,195 +1,103 @@
-"""Tagging: 10 s windows of a waveform -> CNN14 probabilities -> clip tags, timeline, event table."""
+"""The facade: TaggerOptions (validated when built) and Tagger(options, model=None).
+
+    audio -> 10 s windows (windows.py) -> log-mel (features.py) -> CNN14 (model.py) -> report (scoring.py)
+
+One loaded model can serve many option sets (a server, a corpus actor): ``Tagger(options, model)``.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import queue
-import threading
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import features
-from .audio import AudioStream
-from .labels import NUM_CLASSES, labels, lookup
+from .audio import DEFAULT_MAX_DURATION_S, AudioStream
+from .errors import AudioError, ModelError, OptionsError
+from .labels import NUM_CLASSES
 from .model import Cnn14Model
+from .paths import resolve_model_path
+from .results import TagResult, WindowResult
+from .scoring import AGGREGATES, DEFAULT_EVENT_THRESHOLD, Scorer  # noqa: F401 (re-exported)
+from .windows import WINDOW_S, iter_windows, logmel_windows, prefetch
 
 log = logging.getLogger(__name__)
 
-WINDOW_S = features.CLIP_SAMPLES / features.SAMPLE_RATE  # 10 s: the model's fixed input length
-DEFAULT_EVENT_THRESHOLD = 0.5  # probability above which a class counts as present in a window
-AGGREGATES = ("max", "mean")
-PREFETCH_DEPTH = 2  # windows decoded ahead of the model: bounded memory (2 x 1.3 MB)
+MIN_HOP_S = 0.1  # s; a finer hop only repeats the model on near-identical windows
+MAX_THREADS = 64  # LiteRT threads per process, whatever is asked
 
 
 @dataclass(frozen=True)
 class TaggerOptions:
-    """How to tag and what to report."""
+    """How to load the model and what to report. Validated on construction (no model needed)."""
 
     model_path: str | None = None  # .tflite; None: $SOUNDTAG_MODEL, then the user cache
     top_k: int = 5  # categories reported per clip and per window (up to 527)
-    threshold: float | None = None  # report only scores >= this (all classes)
-    thresholds: Mapping[str, float] | None = None  # per-class thresholds by name or MID
-    hop_s: float = WINDOW_S  # seconds between window starts (<= 10 s overlaps windows)
+    threshold: float | None = None  # report only scores >= this (all classes), in [0, 1]
+    thresholds: Mapping[str, float] | None = None  # per-class thresholds by name or MID, in [0, 1]
+    hop_s: float = WINDOW_S  # seconds between window starts (< 10 s overlaps windows)
     aggregate: str = "max"  # clip score from window scores: "max" or "mean"
     allow: Sequence[str] | None = None  # report only these classes (names or MIDs)
     deny: Sequence[str] | None = None  # never report these classes (names or MIDs)
     num_threads: int | None = None  # LiteRT CPU threads; None: one per core up to 4
     prefetch: bool = True  # decode + log-mel the next window in a thread while the model runs
+    max_duration_s: float = DEFAULT_MAX_DURATION_S  # longer inputs are refused (s)
 
-
-@dataclass(frozen=True)
-class Category:
-    index: int
-    mid: str
-    name: str
-    score: float
-
-
-@dataclass(frozen=True)
-class WindowResult:
-    start_s: float
-    end_s: float
-    categories: tuple[Category, ...]
-
-
-@dataclass(frozen=True)
-class Event:
-    """A class above its threshold over consecutive windows."""
-
-    start_s: float
-    end_s: float
-    index: int
-    mid: str
-    name: str
-    score: float  # the highest window score within the event
-
-
-@dataclass(frozen=True)
-class TagResult:
-    path: str | None
-    duration_s: float  # decoded duration at the source rate
-    clip: tuple[Category, ...]
-    windows: tuple[WindowResult, ...]
-    events: tuple[Event, ...]
-    clip_scores: np.ndarray = field(repr=False, compare=False)  # [527]
-    window_scores: np.ndarray = field(repr=False, compare=False)  # [windows, 527]
-    window_starts_s: np.ndarray = field(repr=False, compare=False)  # [windows]
-
-
-def window_starts(num_samples: int, hop: int, window: int = features.CLIP_SAMPLES) -> list[int]:
-    """Start samples of the windows covering num_samples: one window if it fits, else every hop
-    until a window reaches the end (the last one zero-padded)."""
-    if num_samples <= window:
-        return [0]
-    return [i * hop for i in range(1 + math.ceil((num_samples - window) / hop))]
-
-
-def iter_windows(blocks: Iterable[np.ndarray], hop: int, window: int = features.CLIP_SAMPLES) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(start, valid_samples, window) over a stream of blocks: exactly the windows of
-    window_starts(total, hop), the last one zero-padded. Holds at most one window plus one block."""
-    buf = np.zeros(0, np.float32)
-    buf_start = 0  # absolute sample index of buf[0]
-    next_start = 0  # absolute start of the next window
-    emitted = 0
-    for block in blocks:
-        buf = np.concatenate([buf, np.asarray(block, np.float32)])
-        while buf_start + buf.size >= next_start + window:
-            i = next_start - buf_start
-            yield next_start, window, buf[i : i + window].copy()
-            emitted += 1
-            next_start += hop
-            drop = min(next_start - buf_start, buf.size)
-            buf, buf_start = buf[drop:], buf_start + drop
-    total = buf_start + buf.size
-    if total == 0:
-        return
-    for start in window_starts(total, hop, window)[emitted:]:
-        valid = buf[start - buf_start : start - buf_start + window]
-        out = np.zeros(window, np.float32)
-        out[: valid.size] = valid
-        yield start, valid.size, out
-
-
-def _features(windows: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(start, valid, waveform) windows -> (start, valid, log-mel [1001, 64])."""
-    for start, n, wave in windows:
-        yield start, n, features.logmel(wave)
-
-
-@dataclass(frozen=True)
-class _FileEnd:
-    duration_s: float
-
-
-class _Raised:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-def prefetch(items: Iterator, depth: int = PREFETCH_DEPTH) -> Iterator:
-    """Run an iterator in a background thread, up to `depth` items ahead (errors re-raised here).
-
-    Decoding (libsndfile/FFmpeg), soxr, scipy.fft and numpy release the GIL, and so does the LiteRT
-    invoke, so the next window's audio and log-mel are ready when the model finishes this one.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work() -> None:
+    def __post_init__(self) -> None:
         try:
-            for item in items:
-                q.put(item)
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as exc:  # handed to the consumer
-            q.put(_Raised(exc))
+            hop = float(self.hop_s)
+        except (TypeError, ValueError):
+            raise OptionsError(f"hop_s must be a number of seconds, got {self.hop_s!r}") from None
+        if not (math.isfinite(hop) and hop >= MIN_HOP_S):
+            raise OptionsError(f"hop_s must be a finite number of seconds >= {MIN_HOP_S}, got {self.hop_s!r}")
+        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
+                                             or self.num_threads < 1):
+            raise OptionsError(f"num_threads must be an integer >= 1, got {self.num_threads!r}")
+        if not (isinstance(self.max_duration_s, (int, float)) and math.isfinite(self.max_duration_s)
+                and self.max_duration_s > 0):
+            raise OptionsError(f"max_duration_s must be a finite number of seconds > 0, got {self.max_duration_s!r}")
+        self.scorer()  # top_k, thresholds, aggregate, class names
 
-    worker = threading.Thread(target=work, name="soundtag-prefetch", daemon=True)
-    worker.start()
+    def scorer(self) -> Scorer:
+        return Scorer(self.top_k, self.threshold, self.thresholds, self.allow, self.deny, self.aggregate)
+
+    @property
+    def hop_samples(self) -> int:
+        return round(float(self.hop_s) * features.SAMPLE_RATE)
+
+    @property
+    def threads(self) -> int | None:
+        """LiteRT threads, capped to what the machine can use."""
+        if self.num_threads is None:
+            return None
+        return min(self.num_threads, os.cpu_count() or 1, MAX_THREADS)
+
+
+def load_model(options: TaggerOptions) -> Cnn14Model:
+    """The model the options name; a cached model that fails to load says how to rebuild it."""
+    path, cached = resolve_model_path(options.model_path)
     try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, _Raised):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a pending put, let the worker see `stop`
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                worker.join(timeout=0.01)
+        return Cnn14Model(path, num_threads=options.threads)
+    except ModelError as exc:
+        if cached:
+            raise ModelError(f"{exc.reason}; run 'soundtag fetch' again to rebuild the cached model", exc.path) from None
+        raise
 
 
 class Tagger:
-    """CNN14 sound-event tagger. Build with Tagger(TaggerOptions(...)) or Tagger.from_model_path()."""
+    """CNN14 sound-event tagger. ``Tagger(options)`` loads the model the options name;
+    ``Tagger(options, model)`` shares an already loaded one."""
 
-    def __init__(self, options: TaggerOptions | None = None) -> None:
-        from .fetch import resolve_model_path
-
+    def __init__(self, options: TaggerOptions | None = None, model: Cnn14Model | None = None) -> None:
         self.options = options or TaggerOptions()
-        o = self.options
-        if not 1 <= o.top_k <= NUM_CLASSES:
-            raise ValueError(f"top_k must be between 1 and {NUM_CLASSES}, got {o.top_k}")
-        if not 0 < o.hop_s:
-            raise ValueError(f"hop_s must be positive, got {o.hop_s}")
-        if o.num_threads is not None and o.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {o.num_threads}")
-        if o.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {o.aggregate!r}")
-        self.hop = max(1, round(o.hop_s * features.SAMPLE_RATE))
-        self.report_mask = _class_mask(o.allow, o.deny)
-        self.cutoffs = _cutoffs(o.threshold, o.thresholds)
-        self.event_cutoffs = _cutoffs(o.threshold if o.threshold is not None else DEFAULT_EVENT_THRESHOLD, o.thresholds)
-        self.model = Cnn14Model(resolve_model_path(o.model_path), num_threads=o.num_threads)
+        self.scorer = self.options.scorer()
+        self.hop = self.options.hop_samples
+        self.model = model if model is not None else load_model(self.options)
 
     @classmethod
     def from_model_path(cls, path: str | Path, **options) -> Tagger:
@@ -199,6 +107,8 @@ class Tagger:
     def _probs(self, feats: Iterable[tuple[int, int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         starts, valid, probs = [], [], []
         for start, n, lm in feats:
+            if not np.isfinite(lm).all():
+                raise AudioError(f"non-finite log-mel in the window at {start / features.SAMPLE_RATE:.2f} s")
             starts.append(start)
             valid.append(n)
             probs.append(self.model(lm))
@@ -210,15 +120,15 @@ class Tagger:
 
         x = np.asarray(waveform, dtype=np.float32)
         if x.ndim == 2:
-            x = x.mean(axis=1)
+            x = (x * np.float32(1.0 / x.shape[1])).sum(axis=1, dtype=np.float32)
         if x.ndim != 1 or x.size == 0:
-            raise ValueError("waveform must be a non-empty 1-D array (or [samples, channels])")
+            raise AudioError("waveform must be a non-empty 1-D array (or [samples, channels])", path)
         if not np.isfinite(x).all():
-            raise ValueError("waveform has non-finite samples (NaN or Inf)")
+            raise AudioError("waveform has non-finite samples (NaN or Inf)", path)
         duration = x.size / sample_rate
         if sample_rate != features.SAMPLE_RATE:
             x = soxr.resample(x, sample_rate, features.SAMPLE_RATE, quality="HQ")
-        feats = _features(iter_windows([x], self.hop))
+        feats = logmel_windows(iter_windows([x], self.hop))
         starts, valid, probs = self._probs(prefetch(feats) if self.options.prefetch else feats)
         return self._result(path, duration, starts, valid, probs)
 
@@ -236,13 +146,14 @@ class Tagger:
         model runs, across file boundaries too, so a batch of short clips overlaps decoding one file
         with the model on the previous one.
         """
-        paths = [str(p) for p in paths]
+        paths = [os.fspath(p) for p in paths]
+        max_s = self.options.max_duration_s
 
         def produce() -> Iterator[tuple[str, object]]:
             for path in paths:
                 try:
-                    stream = AudioStream(path)
-                    for item in _features(iter_windows(stream, self.hop)):
+                    stream = AudioStream(path, max_duration_s=max_s)
+                    for item in logmel_windows(iter_windows(stream, self.hop)):
                         yield path, item
                     yield path, _FileEnd(stream.duration_s)
                 except Exception as exc:  # reported for this file; the batch goes on
@@ -267,42 +178,24 @@ class Tagger:
                 starts, valid, probs = self._probs(windows())
                 yield path, self._result(path, end[0].duration_s, starts, valid, probs), None
             except Exception as exc:
+                if getattr(exc, "path", "") is None:
+                    exc.path = path  # a SoundtagError raised without knowing the file
                 yield path, None, exc
 
     # --- reporting -------------------------------------------------------------------------
-    def select(self, scores: np.ndarray) -> tuple[Category, ...]:
+    def select(self, scores: np.ndarray):
         """Top-k allowed categories whose score clears their threshold, best first."""
-        ok = self.report_mask & (scores >= self.cutoffs)
-        idx = np.flatnonzero(ok)
-        idx = idx[np.argsort(-scores[idx], kind="stable")][: self.options.top_k]
-        labs = labels()
-        return tuple(Category(int(i), labs[i].mid, labs[i].name, float(scores[i])) for i in idx)
+        return self.scorer.select(scores)
 
-    def events(self, starts_s: np.ndarray, ends_s: np.ndarray, probs: np.ndarray) -> tuple[Event, ...]:
+    def events(self, starts_s: np.ndarray, ends_s: np.ndarray, probs: np.ndarray):
         """Merge consecutive windows where an allowed class stays above its event threshold."""
-        labs = labels()
-        above = (probs >= self.event_cutoffs) & self.report_mask
-        out = []
-        for c in np.flatnonzero(above.any(axis=0)):
-            on = above[:, c]
-            i = 0
-            while i < on.size:
-                if not on[i]:
-                    i += 1
-                    continue
-                j = i
-                while j + 1 < on.size and on[j + 1]:
-                    j += 1
-                score = float(probs[i : j + 1, c].max())
-                out.append(Event(float(starts_s[i]), float(ends_s[j]), int(c), labs[c].mid, labs[c].name, score))
-                i = j + 1
-        return tuple(sorted(out, key=lambda e: (e.start_s, -e.score)))
+        return self.scorer.events(starts_s, ends_s, probs)
 
     def _result(self, path, duration_s, starts, valid, probs) -> TagResult:
         sr = features.SAMPLE_RATE
         starts_s = starts / sr
         ends_s = (starts + valid) / sr
-        clip = probs.max(axis=0) if self.options.aggregate == "max" else probs.mean(axis=0)
+        clip = self.scorer.clip_scores(probs)
         windows = tuple(WindowResult(float(s), float(e), self.select(p)) for s, e, p in zip(starts_s, ends_s, probs))
         return TagResult(
             path=path,
@@ -316,17 +209,6 @@ class Tagger:
         )
 
 
-def _class_mask(allow: Sequence[str] | None, deny: Sequence[str] | None) -> np.ndarray:
-    mask = np.zeros(NUM_CLASSES, bool) if allow else np.ones(NUM_CLASSES, bool)
-    for key in allow or ():
-        mask[lookup(key)] = True
-    for key in deny or ():
-        mask[lookup(key)] = False
-    return mask
-
-
-def _cutoffs(default: float | None, per_class: Mapping[str, float] | None) -> np.ndarray:
-    cut = np.full(NUM_CLASSES, -np.inf if default is None else float(default), np.float32)
-    for key, value in (per_class or {}).items():
-        cut[lookup(key)] = float(value)
-    return cut
+@dataclass(frozen=True)
+class _FileEnd:
+    duration_s: float

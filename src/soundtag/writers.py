@@ -1,8 +1,9 @@
-"""Result writers: table / JSON / JSONL / CSV / Raven selection table, and atomic file writes.
+"""Output formats built from records (results.py): table, JSON, JSONL, CSV, Raven selection table;
+and ResultFile, the one durable combined result file (lock, .part, atomic move, resume).
 
-A record is the JSON-able dict of one input: ``{"path", "duration_s", "tags", "windows", "events"}``
-or ``{"path", "error"}``. Every format is produced from records, so the CLI, the batch runner and
-the server share one definition of the output.
+Text is UTF-8. A path that is not valid UTF-8 (a surrogate-escaped str, see results.py) is written as
+its original bytes in CSV, Raven and table files, and as ``\\udcXX`` escapes in JSON, so that
+``--resume`` and ``os.fsencode`` give the very same path back.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
-from .tagger import Category, TagResult
+from .errors import OutputError
+from .files import FileLock
+from .results import is_record
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("table", "json", "jsonl", "csv")
 OUTPUT_KINDS = {".jsonl": "jsonl", ".csv": "csv", ".txt": "raven"}  # --output FILE by extension
@@ -22,48 +27,23 @@ CSV_FIELDS = ("path", "duration_s", "rank", "index", "mid", "label", "score", "e
 RAVEN_FIELDS = ("Selection", "View", "Channel", "Begin Time (s)", "End Time (s)", "Low Freq (Hz)",
                 "High Freq (Hz)", "Begin Path", "Label", "MID", "Score")
 RAVEN_HIGH_HZ = 16_000  # Nyquist of the 32 kHz model input
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")  # a spreadsheet runs a cell starting so; "'" escapes
+RAVEN_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}  # a TSV cell holds none of these
+TEXT_ERRORS = "surrogateescape"  # undecodable file-name bytes go out (and come back) unchanged
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write a file so that readers see either the old content or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def json_text(obj, indent: int | None = None) -> str:
+    """JSON with UTF-8 text; strings holding surrogate escapes are written as \\u escapes."""
+    text = json.dumps(obj, ensure_ascii=False, indent=indent)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _tags(categories: Iterable[Category]) -> list[dict]:
-    return [{"index": c.index, "mid": c.mid, "label": c.name, "score": round(c.score, 6)} for c in categories]
-
-
-def record(result: TagResult) -> dict:
-    """The JSON object of one tagged input."""
-    return {
-        "path": result.path,
-        "duration_s": round(result.duration_s, 6),
-        "tags": _tags(result.clip),
-        "windows": [{"start_s": w.start_s, "end_s": w.end_s, "tags": _tags(w.categories)} for w in result.windows],
-        "events": [
-            {"start_s": e.start_s, "end_s": e.end_s, "label": e.name, "mid": e.mid, "score": round(e.score, 6)}
-            for e in result.events
-        ],
-    }
-
-
-def error_record(path: str, message: str) -> dict:
-    return {"path": str(path), "error": message}
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, indent=indent)
+    return text
 
 
 def jsonl_line(rec: dict) -> str:
-    return json.dumps(rec, ensure_ascii=False) + "\n"
+    return json_text(rec) + "\n"
 
 
 def table_text(rec: dict) -> str:
@@ -94,6 +74,24 @@ def csv_rows(rec: dict) -> str:
     )
 
 
+def csv_cell(value):
+    """A text cell a spreadsheet shows as text: one starting with = + - @ tab CR (or ') gets a leading '."""
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_uncell(text: str) -> str:
+    """The value written by csv_cell."""
+    return text[1:] if text.startswith("'") else text
+
+
+def _csv_row(values) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([csv_cell(v) for v in values])
+    return buf.getvalue()
+
+
 def raven_header() -> str:
     return "\t".join(RAVEN_FIELDS) + "\n"
 
@@ -103,14 +101,25 @@ def raven_rows(rec: dict, first_selection: int) -> str:
     rows = []
     for n, e in enumerate(rec.get("events", ()), first_selection):
         rows.append("\t".join(map(str, (n, "Spectrogram 1", 1, e["start_s"], e["end_s"], 0, RAVEN_HIGH_HZ,
-                                         rec["path"], e["label"], e["mid"], e["score"]))))
+                                         raven_cell(rec["path"]), e["label"], e["mid"], e["score"]))))
     return "".join(r + "\n" for r in rows)
 
 
-def _csv_row(values) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(values)
-    return buf.getvalue()
+def raven_cell(text: str) -> str:
+    return "".join(RAVEN_ESCAPES.get(c, c) for c in text)
+
+
+def raven_uncell(text: str) -> str:
+    out, i = [], 0
+    back = {v[1]: k for k, v in RAVEN_ESCAPES.items()}
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in back:
+            out.append(back[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 RECORD_TEXT = {"table": table_text, "jsonl": jsonl_line, "csv": csv_rows}  # formats streamed record by record
@@ -119,93 +128,183 @@ RECORD_TEXT = {"table": table_text, "jsonl": jsonl_line, "csv": csv_rows}  # for
 def format_records(records: list[dict], fmt: str) -> str:
     """All records in one stdout format."""
     if fmt == "json":
-        return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
+        return json_text(records, indent=2) + "\n"
     if fmt not in RECORD_TEXT:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     return (csv_header() if fmt == "csv" else "") + "".join(RECORD_TEXT[fmt](r) for r in records)
 
 
+class StreamSink:
+    """Records to a text stream (stdout) in one format: streamed record by record, JSON at close."""
+
+    def __init__(self, stream, fmt: str) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        self.stream, self.fmt = stream, fmt
+        self._records: list[dict] = []
+        if fmt == "csv":
+            self.stream.write(csv_header())
+
+    def write(self, rec: dict) -> None:
+        if self.fmt == "json":
+            self._records.append(rec)
+            return
+        self.stream.write(RECORD_TEXT[self.fmt](rec))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.stream.write(format_records(self._records, "json"))
+        self.stream.flush()
+
+
 class ResultFile:
     """One combined result file (jsonl, csv or Raven .txt), written record by record.
 
-    Records go to ``FILE.part`` (flushed per record); ``close()`` renames it onto FILE atomically,
-    so FILE is never half-written. With ``resume=True`` the inputs already recorded in FILE (and in
-    a ``.part`` left by a killed run) are kept and reported by ``done``, so each input ends up in
-    the file exactly once.
+    - Records go to ``FILE.part`` (flushed per record); ``close()`` moves it onto FILE atomically, so
+      FILE is never half-written; ``abandon()`` (any failure) keeps the ``.part`` for ``--resume``.
+    - ``FILE.lock`` is held (flock) for the whole run: a second run on the same FILE is refused.
+    - With ``resume=True`` the inputs already recorded in FILE (and in a ``.part`` left by a killed run)
+      are kept and listed in ``done``, so each input ends up in the file exactly once. Error records are
+      dropped (an error is not a result: they are tried again), so is any line that is not a complete
+      record (a cut UTF-8 character, foreign JSON), and the last record of a CSV or Raven ``.part``
+      (it may be cut between rows).
     """
 
     def __init__(self, path: str | Path, resume: bool = False) -> None:
         self.path = Path(path)
         self.kind = OUTPUT_KINDS.get(self.path.suffix.lower())
         if self.kind is None:
-            raise ValueError(f"{self.path}: output must end in {', '.join(OUTPUT_KINDS)} (jsonl, csv, Raven table)")
+            raise OutputError(f"output must end in {', '.join(OUTPUT_KINDS)} (jsonl, csv, Raven table)", str(self.path))
+        if self.path.is_dir():
+            raise OutputError("is a directory; --output names a file", str(self.path))
         self.part = self.path.with_name(self.path.name + ".part")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create its folder ({exc.strerror})", str(self.path)) from None
+        self._lock = FileLock(self.path.with_name(self.path.name + ".lock"), str(self.path))
         self.done: set[str] = set()
         self._selection = 1
-        kept = self._recover() if resume else ""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.part, "w", encoding="utf-8")
+        try:
+            kept = self._recover() if resume else []
+            fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            self._f = open(fd, "w", encoding="utf-8", errors=TEXT_ERRORS, newline="")
+        except OSError as exc:
+            self._lock.release()
+            raise OutputError(f"cannot write {self.part.name} ({exc.strerror or exc})", str(self.path)) from None
         header = {"csv": csv_header(), "raven": raven_header()}.get(self.kind, "")
-        self._f.write(header + kept)
+        self._f.write(header)
+        for rec in kept:
+            self._write_text(rec)
         self._f.flush()
 
-    def _recover(self) -> str:
-        """Complete records from FILE and FILE.part (partial last lines dropped), deduplicated."""
-        kept: list[str] = []
-        for src in (self.path, self.part):
+    # --- resume ---------------------------------------------------------------------------
+    def _recover(self) -> list[dict]:
+        """Complete result records from FILE and FILE.part, deduplicated by path, in file order."""
+        kept: list[dict] = []
+        for src, may_be_cut in ((self.path, False), (self.part, True)):
             if not src.is_file():
                 continue
-            text = src.read_text(encoding="utf-8")
-            lines = text.splitlines(keepends=True)
-            if lines and not lines[-1].endswith("\n"):
-                lines.pop()  # killed mid-write
-            if self.kind in ("csv", "raven") and lines:
-                lines = lines[1:]  # header
-            by_path: dict[str, list[str]] = {}
-            for line in lines:
-                key = self._line_path(line)
-                if key is not None and key not in self.done:
-                    by_path.setdefault(key, []).append(line)
-            for key, group in by_path.items():
-                self.done.add(key)
-                kept.extend(group)
-        if self.kind == "raven":
-            kept = [self._renumber(line) for line in kept]
-        return "".join(kept)
+            groups = self._read_records(src.read_bytes(), may_be_cut)
+            for key, recs in groups.items():
+                if key not in self.done:
+                    self.done.add(key)
+                    kept.extend(recs)
+        return kept
 
-    def _line_path(self, line: str) -> str | None:
+    def _read_records(self, data: bytes, may_be_cut: bool) -> dict[str, list[dict]]:
+        """path -> its rows as record-like dicts (jsonl: one record; csv/raven: one dict per row)."""
+        if not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]  # killed mid-line (possibly mid-character)
+        text = data.decode("utf-8", errors=TEXT_ERRORS)
+        groups: dict[str, list[dict]] = {}
+        if self.kind == "jsonl":
+            for line in text.splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    rec = None
+                if not is_record(rec) or "error" in rec:
+                    continue  # foreign line, or an error to try again
+                groups.setdefault(rec["path"], []).append(rec)
+            return groups
+        rows = self._csv_rows(text) if self.kind == "csv" else self._raven_rows(text)
+        for row in rows:
+            if row is not None:
+                groups.setdefault(row["path"], []).append(row)
+        if may_be_cut and groups:
+            groups.pop(next(reversed(groups)))  # the last input's rows may be incomplete
+        return groups
+
+    @staticmethod
+    def _csv_rows(text: str):
+        reader = csv.reader(io.StringIO(text, newline=""))
         try:
-            if self.kind == "jsonl":
-                return json.loads(line)["path"]
-            if self.kind == "csv":
-                return next(csv.reader([line]))[0]
-            return line.rstrip("\n").split("\t")[7]
-        except (ValueError, KeyError, IndexError, StopIteration):
-            return None
+            header = next(reader, None)
+            if header is None or tuple(header) != CSV_FIELDS:
+                return
+            for row in reader:
+                if len(row) != len(CSV_FIELDS):
+                    yield None
+                    continue
+                rec = dict(zip(CSV_FIELDS, row))
+                if rec["error"]:
+                    yield None  # an error is tried again
+                    continue
+                yield {**rec, "path": csv_uncell(rec["path"]), "_row": row}
+        except csv.Error:
+            return  # a quoted cell cut by a kill: the rest is dropped
 
-    def _renumber(self, line: str) -> str:
-        cells = line.split("\t")
-        cells[0] = str(self._selection)
-        self._selection += 1
-        return "\t".join(cells)
+    @staticmethod
+    def _raven_rows(text: str):
+        lines = text.split("\n")
+        if not lines or lines[0] != raven_header().rstrip("\n"):
+            return
+        for line in lines[1:]:
+            cells = line.split("\t")
+            if len(cells) != len(RAVEN_FIELDS):
+                yield None
+                continue
+            yield {"path": raven_uncell(cells[7]), "_cells": cells}
+
+    # --- writing --------------------------------------------------------------------------
+    def _write_text(self, rec: dict) -> None:
+        if "_row" in rec:  # a CSV row kept from an earlier run
+            self._f.write(_csv_row([csv_uncell(v) for v in rec["_row"]]))
+        elif "_cells" in rec:  # a Raven row kept from an earlier run, renumbered
+            self._f.write("\t".join([str(self._selection)] + rec["_cells"][1:]) + "\n")
+            self._selection += 1
+        elif self.kind == "jsonl":
+            self._f.write(jsonl_line(rec))
+        elif self.kind == "csv":
+            self._f.write(csv_rows(rec))
+        else:
+            self._f.write(raven_rows(rec, self._selection))
+            self._selection += len(rec.get("events", ()))
 
     def write(self, rec: dict) -> None:
-        if self.kind == "jsonl":
-            text = jsonl_line(rec)
-        elif self.kind == "csv":
-            text = csv_rows(rec)
-        else:
-            text = raven_rows(rec, self._selection)
-            self._selection += len(rec.get("events", ()))
-        self._f.write(text)
+        self._write_text(rec)
         self._f.flush()
-        self.done.add(str(rec["path"]))
+        if "error" not in rec:
+            self.done.add(str(rec["path"]))
 
-    def close(self) -> None:
-        """Flush to disk and move the finished file into place."""
+    def _finish_part(self) -> bool:
         if self._f.closed:
-            return
+            return False
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self.part, self.path)
+        return True
+
+    def close(self) -> None:
+        """Flush to disk and move the finished file into place."""
+        if self._finish_part():
+            os.replace(self.part, self.path)
+        self._lock.release()
+
+    def abandon(self) -> Path:
+        """After a failure: flush and keep ``FILE.part`` for ``--resume``; returns its path."""
+        self._finish_part()
+        self._lock.release()
+        return self.part

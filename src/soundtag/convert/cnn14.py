@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SoundtagError
+
 NUM_CLASSES = 527
 MEL_BINS = 64
 CHANNELS = (1, 64, 128, 256, 512, 1024, 2048)  # conv block widths, input first
@@ -22,7 +24,7 @@ EMBEDDING_DIM = 2048
 FRONT_END_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.")  # keys the body does not take
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SoundtagError, ValueError):
     """The file is not a CNN14 checkpoint this body can load."""
 
 

@@ -31,10 +31,11 @@ from torch import nn
 
 from .. import features
 from ..labels import labels
-from ..writers import atomic_write_bytes
+from ..errors import ValidationError
+from ..files import atomic_write_bytes, file_digest
 from .cnn14 import Cnn14Body, load_body
 from .winograd import WinogradConv3x3
-from .validate import GATES, ValidationError, compare, inspect_graph, run_tflite
+from .validate import GATES, compare, inspect_graph, run_tflite
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def convert_checkpoint(
     inputs = validation_inputs()
     reference = reference_probs(body, inputs)
     report: dict = {
-        "checkpoint": {"path": str(checkpoint), "bytes": checkpoint.stat().st_size, "md5": _md5(checkpoint)},
+        "checkpoint": {"path": str(checkpoint), "bytes": checkpoint.stat().st_size, "md5": file_digest(checkpoint, "md5")},
         "inputs": list(inputs),
         "reference": "PyTorch Cnn14Body (soundtag.convert.cnn14), eval mode, float32",
         "models": {},
@@ -340,14 +341,6 @@ def convert_checkpoint(
         raise ValidationError(f"{checkpoint}: converted model failed validation: {', '.join(failed)}; "
                               f"no model written (see {output_dir / REPORT_FILE})")
     return ConversionResult(report, written)
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import InferenceError, ValidationError  # noqa: F401 (ValidationError re-exported)
+from ..model import Cnn14Model
+
 # Parity gates (issue #2): probabilities of the LiteRT model vs the PyTorch body on every input.
 GATES = {
     "fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4},
@@ -20,6 +23,7 @@ GATES = {
     "int8": {"min_corr": 0.99, "max_abs_diff": None},  # dynamic-range int8: a CPU speed variant
 }
 
+OUTPUT_CLASSES = 527  # probabilities per input
 MAX_RANK = 4  # the GPU delegate handles tensors up to BHWC
 
 # Builtin ops the LiteRT GPU delegate accepts: the cases of NewOperationParser() in
@@ -39,10 +43,6 @@ GPU_DELEGATE_SOURCE = (
     "google-ai-edge/LiteRT tflite/delegates/gpu/common/model_builder.cc, NewOperationParser(); "
     "DEQUANTIZE only of float16 constants (FP16GraphPartitionHelper)"
 )
-
-
-class ValidationError(RuntimeError):
-    """A converted model failed a gate; it must not be written."""
 
 
 @dataclass
@@ -136,16 +136,13 @@ def inspect_graph(model_bytes: bytes) -> GraphReport:
 
 
 def run_tflite(model_bytes: bytes, inputs: dict, num_threads: int = 2) -> dict:
-    """Run a .tflite (bytes) on each named input [1,1,1001,64]; probabilities [527] per name."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=model_bytes, num_threads=num_threads)
-    interp.allocate_tensors()
-    i_in = interp.get_input_details()[0]["index"]
-    i_out = interp.get_output_details()[0]["index"]
+    """Run a .tflite (bytes) on each named input [1,1,1001,64] through the tagger's own model wrapper;
+    probabilities [527] per name (NaN where the model's output is not valid probabilities)."""
+    model = Cnn14Model.from_bytes(model_bytes, num_threads=num_threads, name="<converted model>")
     out = {}
     for name, x in inputs.items():
-        interp.set_tensor(i_in, np.ascontiguousarray(x, dtype=np.float32))
-        interp.invoke()
-        out[name] = interp.get_tensor(i_out)[0].astype(np.float64)
+        try:
+            out[name] = model(x).astype(np.float64)
+        except InferenceError:
+            out[name] = np.full(OUTPUT_CLASSES, np.nan)
     return out

@@ -1,0 +1,96 @@
+"""Result types and THE record: the one JSON-able dict per input that every output format, the batch
+runner and the coming HTTP API are built from.
+
+A record is ``{"path", "duration_s", "tags", "windows", "events"}`` for a tagged input or
+``{"path", "error"}`` for a failed one. Paths are kept as Python gives them: a file name that is not
+valid UTF-8 holds surrogate escapes (``os.fsencode(record["path"])`` gives the original bytes back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCORE_DIGITS = 6  # decimals of a score in a record
+
+
+@dataclass(frozen=True)
+class Category:
+    index: int  # AudioSet class index, 0..526
+    mid: str  # AudioSet machine id, e.g. /m/09x0r
+    name: str  # display name, e.g. Speech
+    score: float  # probability, 0..1
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    start_s: float
+    end_s: float  # end of the real audio in the window (< start_s + 10 only for a clip under 10 s)
+    categories: tuple[Category, ...]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A class above its threshold over consecutive windows."""
+
+    start_s: float
+    end_s: float
+    index: int
+    mid: str
+    name: str
+    score: float  # the highest window score within the event
+
+
+@dataclass(frozen=True)
+class TagResult:
+    path: str | None
+    duration_s: float  # decoded duration at the source rate
+    clip: tuple[Category, ...]
+    windows: tuple[WindowResult, ...]
+    events: tuple[Event, ...]
+    clip_scores: np.ndarray = field(repr=False, compare=False)  # [527]
+    window_scores: np.ndarray = field(repr=False, compare=False)  # [windows, 527]
+    window_starts_s: np.ndarray = field(repr=False, compare=False)  # [windows]
+
+    def to_record(self) -> dict:
+        """The JSON object of this tagged input."""
+        return {
+            "path": self.path,
+            "duration_s": round(self.duration_s, 6),
+            "tags": _tags(self.clip),
+            "windows": [{"start_s": w.start_s, "end_s": w.end_s, "tags": _tags(w.categories)} for w in self.windows],
+            "events": [
+                {"start_s": e.start_s, "end_s": e.end_s, "label": e.name, "mid": e.mid, "score": round(e.score, SCORE_DIGITS)}
+                for e in self.events
+            ],
+        }
+
+
+def error_record(path: str, error: BaseException | str) -> dict:
+    """The JSON object of a failed input: its path and the cause in one line (without the path)."""
+    return {"path": str(path), "error": error_reason(error)}
+
+
+def error_reason(error: BaseException | str) -> str:
+    """One line naming the cause: a SoundtagError's reason, else the exception type and message."""
+    if isinstance(error, str):
+        return error
+    reason = getattr(error, "reason", None)
+    if isinstance(reason, str):
+        return reason
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def is_record(obj: object) -> bool:
+    """A dict shaped like a record (a result or an error), e.g. a line read back for --resume."""
+    return isinstance(obj, dict) and isinstance(obj.get("path"), str) and (
+        isinstance(obj.get("tags"), list) or isinstance(obj.get("error"), str)
+    )
+
+
+def _tags(categories) -> list[dict]:
+    return [{"index": c.index, "mid": c.mid, "label": c.name, "score": round(c.score, SCORE_DIGITS)} for c in categories]

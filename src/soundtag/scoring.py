@@ -1,0 +1,101 @@
+"""From probabilities to what is reported: class mask, thresholds, top-k, clip aggregation, events."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .errors import OptionsError
+from .labels import NUM_CLASSES, labels, lookup
+from .results import Category, Event
+
+DEFAULT_EVENT_THRESHOLD = 0.5  # probability above which a class counts as present in a window
+AGGREGATES = ("max", "mean")
+
+
+def check_threshold(value: float, what: str) -> float:
+    """A probability threshold: a finite number in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise OptionsError(f"{what} must be a number in [0, 1], got {value!r}") from None
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise OptionsError(f"{what} must be a number in [0, 1], got {value!r}")
+    return v
+
+
+class Scorer:
+    """What to report from window probabilities [windows, 527]; validates its inputs when built."""
+
+    def __init__(
+        self,
+        top_k: int = 5,
+        threshold: float | None = None,
+        thresholds: Mapping[str, float] | None = None,
+        allow: Sequence[str] | None = None,
+        deny: Sequence[str] | None = None,
+        aggregate: str = "max",
+    ) -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= NUM_CLASSES:
+            raise OptionsError(f"top_k must be an integer between 1 and {NUM_CLASSES}, got {top_k!r}")
+        if aggregate not in AGGREGATES:
+            raise OptionsError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+        if isinstance(allow, str) or isinstance(deny, str):
+            raise OptionsError("allow and deny are lists of class names or MIDs, not a single string")
+        self.top_k = int(top_k)
+        self.aggregate = aggregate
+        self.mask = class_mask(allow, deny)
+        default = None if threshold is None else check_threshold(threshold, "threshold")
+        self.cutoffs = cutoffs(default, thresholds)
+        self.event_cutoffs = cutoffs(DEFAULT_EVENT_THRESHOLD if default is None else default, thresholds)
+
+    def clip_scores(self, window_probs: np.ndarray) -> np.ndarray:
+        return window_probs.max(axis=0) if self.aggregate == "max" else window_probs.mean(axis=0)
+
+    def select(self, scores: np.ndarray) -> tuple[Category, ...]:
+        """Top-k allowed categories whose score clears their threshold, best first."""
+        ok = self.mask & (scores >= self.cutoffs)
+        idx = np.flatnonzero(ok)
+        idx = idx[np.argsort(-scores[idx], kind="stable")][: self.top_k]
+        labs = labels()
+        return tuple(Category(int(i), labs[i].mid, labs[i].name, float(scores[i])) for i in idx)
+
+    def events(self, starts_s: np.ndarray, ends_s: np.ndarray, probs: np.ndarray) -> tuple[Event, ...]:
+        """Merge consecutive windows where an allowed class stays above its event threshold."""
+        labs = labels()
+        above = (probs >= self.event_cutoffs) & self.mask
+        out = []
+        for c in np.flatnonzero(above.any(axis=0)):
+            on = above[:, c]
+            i = 0
+            while i < on.size:
+                if not on[i]:
+                    i += 1
+                    continue
+                j = i
+                while j + 1 < on.size and on[j + 1]:
+                    j += 1
+                score = float(probs[i : j + 1, c].max())
+                out.append(Event(float(starts_s[i]), float(ends_s[j]), int(c), labs[c].mid, labs[c].name, score))
+                i = j + 1
+        return tuple(sorted(out, key=lambda e: (e.start_s, -e.score)))
+
+
+def class_mask(allow: Sequence[str] | None, deny: Sequence[str] | None) -> np.ndarray:
+    """Classes that may be reported: all, or only `allow`, minus `deny` (names or MIDs)."""
+    mask = np.zeros(NUM_CLASSES, bool) if allow else np.ones(NUM_CLASSES, bool)
+    for key in allow or ():
+        mask[lookup(key)] = True
+    for key in deny or ():
+        mask[lookup(key)] = False
+    return mask
+
+
+def cutoffs(default: float | None, per_class: Mapping[str, float] | None) -> np.ndarray:
+    """Per-class score cutoffs: the default (none: -inf), overridden by per-class thresholds."""
+    cut = np.full(NUM_CLASSES, -np.inf if default is None else float(default), np.float32)
+    for key, value in (per_class or {}).items():
+        cut[lookup(key)] = check_threshold(value, f"threshold for {key!r}")
+    return cut

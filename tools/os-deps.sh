@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# OS packages the tests need (Debian/Ubuntu): ffmpeg is the decoder of the test reference path
+# (librosa -> audioread for M4A/MP3). Runs apt-get as root, else through sudo.
+set -euo pipefail
+PACKAGES=(ffmpeg)
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "os-deps: no apt-get here; install these yourself: ${PACKAGES[*]}" >&2
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"

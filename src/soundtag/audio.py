@@ -91,8 +91,8 @@ class AudioStream:
                              "(a broken header or not a recording)", self.path)
         declared = self._source.declared_frames
         if declared and declared / sr > self.max_duration_s:
-            raise AudioError(f"declares {declared / sr / 3600:.1f} h of audio, more than the maximum "
-                             f"{self.max_duration_s / 3600:g} h (--max-duration)", self.path)
+            raise AudioError(f"declares {_span(declared / sr)} of audio, more than the maximum "
+                             f"{_span(self.max_duration_s)} (--max-duration)", self.path)
 
     @property
     def duration_s(self) -> float:
@@ -122,7 +122,7 @@ class AudioStream:
                                      "float32 resampling: not audio, or wrongly scaled float data", self.path)
                 self.frames += block.shape[0]
                 if self.frames > max_frames:
-                    raise AudioError(f"longer than the maximum {self.max_duration_s / 3600:g} h (--max-duration)", self.path)
+                    raise AudioError(f"longer than the maximum {_span(self.max_duration_s)} (--max-duration)", self.path)
                 # scale before summing: the mean of finite float32 samples cannot overflow
                 mono = (block * np.float32(1.0 / ch)).sum(axis=1, dtype=np.float32) if ch > 1 else block[:, 0]
                 out = mono if resampler is None else resampler.resample_chunk(mono)
@@ -150,6 +150,12 @@ def load_audio(source, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> tuple[
     stream = AudioStream(source, max_duration_s=max_duration_s)
     blocks = list(stream)
     return np.concatenate(blocks), stream.info, stream.duration_s
+
+
+def _span(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.4g} s"
+    return f"{seconds / 60:.4g} min" if seconds < 7200 else f"{seconds / 3600:.4g} h"
 
 
 def _why(exc: BaseException) -> str:

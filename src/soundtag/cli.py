@@ -39,6 +39,13 @@ def _path_bytes_or_escape(err: UnicodeError):
 codecs.register_error(TEXT_ERRORS, _path_bytes_or_escape)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (subcommand parsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def _finite(kind: str):
     def parse(text: str) -> float:
         try:
@@ -57,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .windows import WINDOW_S
     from .writers import FORMATS
 
-    p = argparse.ArgumentParser(prog="soundtag", description="AudioSet sound-event tagging with PANNs CNN14 on LiteRT.")
+    p = _Parser(prog="soundtag", description="AudioSet sound-event tagging with PANNs CNN14 on LiteRT.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -105,3 +105,46 @@ def test_fetch_converts_into_cache_and_tag_finds_it(server, checkpoint, tmp_path
 def test_upstream_constants():
     assert fetch.UPSTREAM_BYTES == 327_428_481 and fetch.UPSTREAM_MD5 == "541141fa2ee191a88f24a3219fff024e"
     assert "3987831" in fetch.UPSTREAM_URL
+
+
+def test_mirror_is_verified_against_upstream_unless_told(server, checkpoint, tmp_path, monkeypatch, capsys):
+    """A --url mirror gets the upstream size and md5 checks (the synthetic checkpoint is not upstream's)."""
+    monkeypatch.setenv("SOUNDTAG_CACHE", str(tmp_path / "cache"))
+    code = main(["fetch", "--url", server, "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"expected {fetch.UPSTREAM_BYTES}" in err
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    assert main(["fetch", "--url", server, "--no-verify", "--md5", "0" * 32]) == 2
+
+
+def test_connection_closed_before_content_length_is_never_cached(server, checkpoint, tmp_path):
+    _Handler.breaks = 100  # every response stops half-way, even with verification off
+    dest = tmp_path / "c.pth"
+    with pytest.raises(fetch.FetchError, match="connection closed at|download failed"):
+        fetch.download(server, dest, None, None)
+    assert not dest.exists()
+
+
+def test_part_file_symlink_is_not_followed(server, checkpoint, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "c.pth.part").symlink_to(victim)
+    data = checkpoint.read_bytes()
+    with pytest.raises(fetch.FetchError, match="symbolic link"):
+        fetch.download(server, tmp_path / "c.pth", len(data), hashlib.md5(data).hexdigest())
+    assert victim.read_text() == "precious" and not (tmp_path / "c.pth").exists()
+
+
+def test_broken_cached_model_says_which_file_and_what_to_do(tmp_path, monkeypatch, capsys):
+    from tests.fixtures import scene, write_wav
+
+    monkeypatch.setenv("SOUNDTAG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SOUNDTAG_MODEL", raising=False)
+    cached = tmp_path / "cache" / "models" / "cnn14_audioset_fp32.tflite"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\x00" * 4096)  # a download or conversion cut short
+    wav = write_wav(tmp_path / "a.wav", scene(2), 32000)
+    code = main(["tag", str(wav)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{cached}: not a LiteRT model" in err and "run 'soundtag fetch' again" in err
+    assert err.count("\n") == 1

@@ -288,3 +288,221 @@ def test_streamed_wav_sizes(size, tagger, tmp_path):
     a, b = tagger.tag_file(good), tagger.tag_file(piped)
     assert b.duration_s == pytest.approx(12.0)
     np.testing.assert_allclose(b.window_scores, a.window_scores, atol=1e-6)
+
+
+# --- output durability ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("hclips")
+    return [write_wav(d / f"c{i}.wav", scene(3, seed=20 + i), SR) for i in range(4)]
+
+
+def test_second_run_on_same_output_is_refused(int8_model, clips, tmp_path, capsys):
+    from soundtag.writers import ResultFile
+
+    out = tmp_path / "o.jsonl"
+    first = ResultFile(out)  # a run in progress (the lock is a real flock)
+    try:
+        code, stdout, err = run(capsys, "tag", *clips, "--model", int8_model, "--output", out)
+        assert code == 2 and "in use by another soundtag run" in err and f"{out}:" in err
+    finally:
+        first.close()
+    code, _, err = run(capsys, "tag", *clips, "--model", int8_model, "--output", out)
+    assert code == 0 and len(out.read_text().splitlines()) == len(clips)
+    assert not out.with_name("o.jsonl.lock").exists()
+
+
+def test_output_that_cannot_be_written_fails_before_tagging(int8_model, clips, tmp_path, capsys):
+    (tmp_path / "adir.jsonl").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for bad, why in ((tmp_path / "adir.jsonl", "is a directory"), (tmp_path / "afile" / "o.jsonl", "cannot"),
+                     (Path("/proc/o.jsonl"), "cannot")):
+        code, out, err = run(capsys, "tag", *clips, "--model", int8_model, "--output", bad)
+        assert code == 2 and out == "" and why in err and "model " not in err, err  # before the batch started
+        assert err.count("\n") == 1
+
+
+def test_any_failure_leaves_a_resumable_part(int8_model, clips, tmp_path):
+    """A run that dies of something other than Ctrl-C (here: the file-size limit, like a full disk)
+    says where its .part is; --resume then completes it with every input exactly once."""
+    import resource
+
+    out = tmp_path / "f.jsonl"
+    limit = 2500  # bytes: room for about one record
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = subprocess.run([sys.executable, "-m", "soundtag", "tag", *map(str, clips), "--model", str(int8_model),
+                        "--output", str(out), "--top-k", "3"], capture_output=True, text=True, preexec_fn=small_files,
+                       timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    part = out.with_name("f.jsonl.part")
+    assert f"saved in {part} (rerun with --resume)" in p.stderr
+    assert part.is_file() and not out.exists()
+    p = subprocess.run([sys.executable, "-m", "soundtag", "tag", *map(str, clips), "--model", str(int8_model),
+                        "--output", str(out), "--top-k", "3", "--resume"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    paths = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert sorted(paths) == sorted(map(str, clips))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "table"])
+def test_broken_pipe_ends_cleanly(int8_model, clips, fmt):
+    p = subprocess.Popen([sys.executable, "-m", "soundtag", "tag", *map(str, clips * 3), "--model", str(int8_model),
+                          "--format", fmt], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(10)  # `| head -c 10`
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 141) and "Traceback" not in err and "Exception" not in err, err
+
+
+def test_csv_formula_cells_are_neutralised(int8_model, tmp_path, capsys):
+    d = tmp_path / "f"
+    d.mkdir()
+    names = ["=HYPERLINK(1).wav", "+1.wav", "-2.wav", "'q.wav", "ok.wav"]
+    for i, name in enumerate(names):
+        write_wav(d / name, scene(2, seed=i), SR)
+    listing = tmp_path / "l.txt"
+    listing.write_text("".join(f"{name}\n" for name in names) + "@missing.txt\n")  # an error row: "@..."
+    os.chdir(d)
+    try:
+        out = tmp_path / "o.csv"
+        code, _, err = run(capsys, "tag", f"@{listing}", "--model", int8_model, "--output", out, "--top-k", "1")
+        assert code == 1, err
+        import csv
+
+        rows = list(csv.DictReader(out.read_text().splitlines()))
+        assert [r["path"] for r in rows] == ["'@missing.txt"] + ["'" + n for n in names[:4]] + ["ok.wav"]
+        code, _, err = run(capsys, "tag", f"@{listing}", "--model", int8_model, "--output", out, "--top-k", "1",
+                           "--resume")
+        assert code == 1 and "5 skipped" in err  # read back as the same paths
+        assert len(out.read_text().splitlines()) == 7
+    finally:
+        os.chdir(tmp_path)
+
+
+# --- resume ---------------------------------------------------------------------------------------------
+def test_resume_survives_cut_and_foreign_lines_and_retries_errors(int8_model, clips, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    code, _, _ = run(capsys, "tag", clips[0], "--model", int8_model, "--output", out)
+    good = out.read_text()
+    assert code == 0
+    out.unlink()
+    cut = json.dumps({"path": str(clips[2]), "duration_s": 3.0, "tags": [{"label": "Café"}]}, ensure_ascii=False)
+    cut_bytes = cut.encode()[: cut.encode().index("é".encode()) + 1]  # ends inside the 2-byte é
+    part = out.with_name("r.jsonl.part")
+    part.write_bytes(good.encode() + b'[1, 2]\n"text"\n{"path": 3}\n{"no": "path"}\n'
+                     + json.dumps({"path": str(clips[1]), "error": "decoding failed"}).encode() + b"\n" + cut_bytes)
+    code, _, err = run(capsys, "tag", *clips, "--model", int8_model, "--output", out, "--resume")
+    assert code == 0, err
+    recs = jsonl(out.read_text())
+    assert sorted(r["path"] for r in recs) == sorted(map(str, clips))  # exactly once each
+    assert all("tags" in r for r in recs)  # the error row was tried again, and is now a result
+    assert "1 skipped" in err
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "txt"])
+def test_path_with_newline_round_trips(int8_model, tmp_path, capsys, ext):
+    weird = write_wav(tmp_path / "a\nb\tc\\d.wav", scene(12, seed=9), SR)
+    out = tmp_path / f"o.{ext}"
+    for attempt in range(2):
+        code, _, err = run(capsys, "tag", weird, "--model", int8_model, "--output", out, "--threshold", "0", "--resume")
+        assert code == 0, err
+    assert "1 skipped" in err
+    if ext == "jsonl":
+        assert [r["path"] for r in jsonl(out.read_text())] == [str(weird)]
+    elif ext == "csv":
+        import csv
+
+        rows = list(csv.DictReader(out.read_text().splitlines(keepends=True)))
+        assert {r["path"] for r in rows} == {str(weird)}
+    else:
+        lines = out.read_text().splitlines()[1:]
+        assert lines and all(line.split("\t")[7] == str(weird).replace("\\", "\\\\").replace("\n", "\\n")
+                             .replace("\t", "\\t") for line in lines)
+
+
+# --- batch ------------------------------------------------------------------------------------------------
+def test_lists_that_include_themselves(int8_model, clips, tmp_path, capsys):
+    a, b, c = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
+    a.write_text(f"{clips[0]}\n@{b}\n")
+    b.write_text(f"@{a}\n{clips[1]}\n")
+    c.write_text(f"@{c}\n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9.wav\n")
+    code, out, err = run(capsys, "tag", f"@{a}", f"@{c}", f"@{latin}", "--model", int8_model, "--format", "jsonl")
+    recs = jsonl(out)
+    assert code == 1
+    assert [r["path"] for r in recs] == [f"@{a}", f"@{c}", f"@{latin}", str(clips[0]), str(clips[1])]
+    assert recs[0]["error"] == f"list includes itself ({a} -> {b} -> {a})"
+    assert "list includes itself" in recs[1]["error"] and "not UTF-8" in recs[2]["error"]
+
+
+def test_jobs_and_threads_are_capped(int8_model, clips, capsys):
+    code, out, err = run(capsys, "tag", *clips, "--model", int8_model, "--format", "jsonl", "--jobs", "500",
+                         "--threads", "100000")
+    assert code == 0 and len(jsonl(out)) == len(clips)
+    assert f"--jobs 500 capped to {os.cpu_count()}" in err or "--jobs 500 capped to" in err
+
+
+def test_dead_worker_costs_only_its_file(int8_model, tmp_path):
+    """A worker killed mid-file (as the OOM killer would) becomes an error row for that file; a new
+    worker takes over; every input ends up exactly once."""
+    import psutil
+
+    files = [write_wav(tmp_path / f"w{i}.wav", scene(40, seed=i), SR) for i in range(6)]
+    p = subprocess.Popen([sys.executable, "-m", "soundtag", "tag", *map(str, files), "--model", str(int8_model),
+                          "--jobs", "2", "--format", "jsonl", "--hop", "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    first = p.stdout.readline()  # workers are up and tagging
+    workers = [c for c in psutil.Process(p.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    assert workers, "no worker processes found"
+    workers[0].kill()
+    rest, err = p.communicate(timeout=300)
+    recs = jsonl(first + rest)
+    assert sorted(r["path"] for r in recs) == sorted(map(str, files))
+    died = [r for r in recs if "error" in r]
+    assert p.returncode == 1 and len(died) == 1, err
+    assert died[0]["error"] == "worker process died while tagging this file (killed by SIGKILL, e.g. out of memory)"
+    assert "Traceback" not in err
+
+
+# --- folders ------------------------------------------------------------------------------------------------
+def test_folder_reports_unreadable_subfolders_and_skips_appledouble(tmp_path):
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="soundtag-perm-"))  # world-readable, outside pytest's 0700 tmp
+    try:
+        os.chmod(root, 0o755)
+        write_wav(root / "a.wav", scene(1), SR)
+        (root / "._a.wav").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS metadata, not audio
+        locked = root / "locked"
+        locked.mkdir()
+        write_wav(locked / "b.wav", scene(1), SR)
+        os.chmod(locked, 0)
+        code = ("import json, sys; from soundtag.batch import expand_inputs; "
+                "print(json.dumps(list(expand_inputs([sys.argv[1]]))))")
+        p = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
+                           preexec_fn=_without_root_file_powers, timeout=60)
+        assert p.returncode == 0, p.stderr
+        got = json.loads(p.stdout)
+        assert got == [[str(locked), "cannot read folder (Permission denied)"], [str(root / "a.wav"), None]]
+    finally:
+        os.chmod(root / "locked", 0o755)
+        shutil.rmtree(root)
+
+
+def _without_root_file_powers() -> None:
+    """In the child: root reads every folder (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH); drop both from the
+    capability bounding set so that after exec the permission bits apply to it as to anyone."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")

@@ -188,16 +188,13 @@ class ResultFile:
         self._selection = 1
         try:
             kept = self._recover() if resume else []
-            fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-            self._f = open(fd, "w", encoding="utf-8", errors=TEXT_ERRORS, newline="")
+            self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             self._lock.release()
             raise OutputError(f"cannot write {self.part.name} ({exc.strerror or exc})", str(self.path)) from None
-        header = {"csv": csv_header(), "raven": raven_header()}.get(self.kind, "")
-        self._f.write(header)
+        self._put({"csv": csv_header(), "raven": raven_header()}.get(self.kind, ""))
         for rec in kept:
-            self._write_text(rec)
-        self._f.flush()
+            self._put(self._text(rec))
 
     # --- resume ---------------------------------------------------------------------------
     def _recover(self) -> list[dict]:
@@ -269,42 +266,56 @@ class ResultFile:
             yield {"path": raven_uncell(cells[7]), "_cells": cells}
 
     # --- writing --------------------------------------------------------------------------
-    def _write_text(self, rec: dict) -> None:
+    def _text(self, rec: dict) -> str:
         if "_row" in rec:  # a CSV row kept from an earlier run
-            self._f.write(_csv_row([csv_uncell(v) for v in rec["_row"]]))
-        elif "_cells" in rec:  # a Raven row kept from an earlier run, renumbered
-            self._f.write("\t".join([str(self._selection)] + rec["_cells"][1:]) + "\n")
+            return _csv_row([csv_uncell(v) for v in rec["_row"]])
+        if "_cells" in rec:  # a Raven row kept from an earlier run, renumbered
             self._selection += 1
-        elif self.kind == "jsonl":
-            self._f.write(jsonl_line(rec))
-        elif self.kind == "csv":
-            self._f.write(csv_rows(rec))
-        else:
-            self._f.write(raven_rows(rec, self._selection))
-            self._selection += len(rec.get("events", ()))
+            return "\t".join([str(self._selection - 1)] + rec["_cells"][1:]) + "\n"
+        if self.kind == "jsonl":
+            return jsonl_line(rec)
+        if self.kind == "csv":
+            return csv_rows(rec)
+        text = raven_rows(rec, self._selection)
+        self._selection += len(rec.get("events", ()))
+        return text
+
+    def _put(self, text: str) -> None:
+        """Unbuffered: a record is on disk (in the page cache) when write() returns; nothing is held back
+        to fail later, so a failed write loses at most the record being written."""
+        data = memoryview(text.encode("utf-8", errors=TEXT_ERRORS))
+        while data:
+            data = data[os.write(self._fd, data):]
 
     def write(self, rec: dict) -> None:
-        self._write_text(rec)
-        self._f.flush()
+        self._put(self._text(rec))
         if "error" not in rec:
             self.done.add(str(rec["path"]))
 
     def _finish_part(self) -> bool:
-        if self._f.closed:
+        if self._fd < 0:
             return False
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
         return True
 
     def close(self) -> None:
         """Flush to disk and move the finished file into place."""
-        if self._finish_part():
-            os.replace(self.part, self.path)
-        self._lock.release()
+        try:
+            if self._finish_part():
+                os.replace(self.part, self.path)
+        finally:
+            self._lock.release()
 
     def abandon(self) -> Path:
-        """After a failure: flush and keep ``FILE.part`` for ``--resume``; returns its path."""
-        self._finish_part()
+        """After a failure: keep ``FILE.part`` for ``--resume`` (each complete line in it is a record);
+        returns its path."""
+        try:
+            self._finish_part()
+        except OSError:
+            pass
         self._lock.release()
         return self.part

@@ -152,6 +152,13 @@ def test_non_utf8_file_names(int8_model, tmp_path, env):
         assert b"1 skipped" in p.stderr and raw in out.read_bytes().replace(b"\\udce9 \\udcff", b"\xe9 \xff")
 
 
+def test_fifo_and_device_do_not_hang(int8_model, tmp_path, capsys):
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)  # open() would block until a writer comes
+    code, out, err = run(capsys, "tag", fifo, "/dev/zero", "--model", int8_model, "--format", "jsonl")
+    assert code == 1 and [r["error"] for r in jsonl(out)] == ["not a regular file (a pipe or a device)"] * 2
+
+
 # --- decompression bombs, durations, hops ----------------------------------------------------------
 def test_decompression_bomb_is_refused_fast(tmp_path, int8_model, capsys):
     bomb = tmp_path / "bomb.flac"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,21 +165,24 @@ def _why(exc: BaseException) -> str:
 
 
 def _open_path(path: str) -> BinaryIO:
+    """Open a regular file for reading; non-blocking first, so a FIFO or a device cannot hang us."""
     try:
-        f = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise AudioError("no such file", path) from None
     except IsADirectoryError:
         raise AudioError("is a directory", path) from None
     except OSError as exc:
         raise AudioError(f"cannot open ({exc.strerror or _why(exc)})", path) from None
-    if not os.path.isfile(path):  # a FIFO, a device: reading could block forever
-        f.close()
-        raise AudioError("not a regular file", path)
-    if os.fstat(f.fileno()).st_size == 0:
-        f.close()
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise AudioError("is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe or a device)", path)
+    if st.st_size == 0:
+        os.close(fd)
         raise AudioError("empty file (0 bytes)", path)
-    return f
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 class _SoundFileSource:

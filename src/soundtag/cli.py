@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--bytes", type=int, help="expected size in bytes (default: the upstream checkpoint's)")
     f.add_argument("--no-verify", action="store_true", help="accept any file from --url (no size or md5 check)")
     f.add_argument("--precision", nargs="+", action="extend", help="fp32 fp16 int8 (default: fp32 fp16)")
+
+    from . import evaluate
+
+    evaluate.add_parser(sub)
     return p
 
 
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"tag": _cmd_tag, "convert": _cmd_convert, "fetch": _cmd_fetch}[args.command](args)
+        return {"tag": _cmd_tag, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval}[args.command](args)
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -316,6 +320,12 @@ def _cmd_fetch(args) -> int:
         return EXIT_FAILED
     print(f"models ready in {where}")
     return EXIT_OK
+
+
+def _cmd_eval(args) -> int:
+    from . import evaluate
+
+    return evaluate.main(args)
 
 
 def main_exit() -> None:

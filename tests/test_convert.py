@@ -52,8 +52,8 @@ def test_models_match_pytorch_on_fresh_inputs(models, body):
     inputs = {f"r{i}": rng.normal(-30, 25, (1, 1, 1001, 64)).astype(np.float32) for i in range(2)}
     with torch.inference_mode():
         ref = {k: body(torch.from_numpy(v)).double().numpy()[0] for k, v in inputs.items()}
-    got32 = run_tflite((models / "cnn14_audioset_fp32.tflite").read_bytes(), inputs)
-    got16 = run_tflite((models / "cnn14_audioset_fp16.tflite").read_bytes(), inputs)
+    got32 = run_tflite((models / "cnn14_audioset_fp32.tflite").read_bytes(), inputs).probs
+    got16 = run_tflite((models / "cnn14_audioset_fp16.tflite").read_bytes(), inputs).probs
     for k in inputs:
         np.testing.assert_allclose(got32[k], ref[k], atol=1e-4, rtol=0)
         assert np.corrcoef(got16[k], ref[k])[0, 1] >= 0.9999
@@ -71,7 +71,7 @@ def corrupted_fp32(checkpoint, models, monkeypatch):
     altered = bias.copy()
     altered[7] += 0.5
     bad = good[:at] + altered.tobytes() + good[at + altered.nbytes :]
-    monkeypatch.setattr(export, "to_fp32_tflite", lambda body, winograd=(): bad)
+    monkeypatch.setattr(export, "to_fp32_tflite", lambda body, winograd=(), embedding=True: bad)
     return bad
 
 

@@ -229,7 +229,8 @@ def run_batch(
     on_record: Callable[[str, object], None] | None = None,
 ) -> Counts:
     """Tag the inputs not in ``done``; every record goes to every sink, in input order."""
-    done = done or set()
+    done = done if done is not None else set()
+    scores = any(getattr(sink, "wants_scores", False) for sink in sinks)  # e.g. Parquet keeps all 527
     counts = Counts()
     todo = [p for p, e in inputs if e is None and p not in done]
     counts.skipped = sum(1 for p, e in inputs if e is None) - len(todo)
@@ -248,7 +249,7 @@ def run_batch(
         if error is not None and path not in done:
             emit(error_record(path, error))
     for path, result, error in tag_paths(todo, tagger, jobs):
-        emit(error_record(path, error) if error else result.to_record())
+        emit(error_record(path, error) if error else result.to_record(scores=scores))
         if on_record:
             on_record(path, result)
     return counts

@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse inputs longer than this (default 86400 = 24 h)")
     t.add_argument("--jobs", type=int, default=1, help="worker processes, each loading the model once (default 1)")
     t.add_argument("--threads", type=int, help="LiteRT threads per process (default: one per core, up to 4)")
-    t.add_argument("--output", metavar="FILE", help="write one combined file: .jsonl, .csv or Raven selection table .txt")
+    t.add_argument("--output", metavar="FILE",
+                   help="write one combined file: .jsonl, .csv, .parquet (every score) or Raven selection table .txt")
+    t.add_argument("--embeddings", action="store_true",
+                   help="add the 2048-d clip embedding to each record (fp32/int8 models)")
     t.add_argument("--resume", action="store_true", help="with --output: skip inputs already in FILE")
     t.add_argument("--plot", metavar="PNG", help="draw the timeline of the top classes (one input only)")
     t.add_argument("--labels", action="store_true", help="print the 527 classes (index, MID, name) and exit")
@@ -158,7 +161,7 @@ def _cmd_tag(args) -> int:
             model_path=args.model, top_k=args.top_k, threshold=args.threshold,
             thresholds=_read_thresholds(args.thresholds) if args.thresholds else None,
             hop_s=args.hop, aggregate=args.aggregate, allow=args.allow, deny=args.deny,
-            num_threads=args.threads, max_duration_s=args.max_duration,
+            num_threads=args.threads, max_duration_s=args.max_duration, embeddings=args.embeddings,
         )
     except OptionsError as exc:
         raise UsageError(str(exc)) from None

@@ -52,10 +52,13 @@ class TagResult:
     clip_scores: np.ndarray = field(repr=False, compare=False)  # [527]
     window_scores: np.ndarray = field(repr=False, compare=False)  # [windows, 527]
     window_starts_s: np.ndarray = field(repr=False, compare=False)  # [windows]
+    clip_embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # [2048], when asked
+    window_embeddings: np.ndarray | None = field(default=None, repr=False, compare=False)  # [windows, 2048]
 
-    def to_record(self) -> dict:
-        """The JSON object of this tagged input."""
-        return {
+    def to_record(self, scores: bool = False) -> dict:
+        """The JSON object of this tagged input; ``"embedding"`` when embeddings were asked for; with
+        ``scores`` also all 527 clip scores (``"clip_scores"``) and window scores (``"scores"``)."""
+        rec = {
             "path": self.path,
             "duration_s": round(self.duration_s, 6),
             "tags": _tags(self.clip),
@@ -65,6 +68,13 @@ class TagResult:
                 for e in self.events
             ],
         }
+        if self.clip_embedding is not None:
+            rec["embedding"] = [float(v) for v in self.clip_embedding]
+        if scores:
+            rec["clip_scores"] = [float(v) for v in self.clip_scores]
+            for w, row in zip(rec["windows"], self.window_scores):
+                w["scores"] = [float(v) for v in row]
+        return rec
 
 
 def error_record(path: str, error: BaseException | str) -> dict:

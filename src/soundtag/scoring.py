@@ -51,8 +51,9 @@ class Scorer:
         self.cutoffs = cutoffs(default, thresholds)
         self.event_cutoffs = cutoffs(DEFAULT_EVENT_THRESHOLD if default is None else default, thresholds)
 
-    def clip_scores(self, window_probs: np.ndarray) -> np.ndarray:
-        return window_probs.max(axis=0) if self.aggregate == "max" else window_probs.mean(axis=0)
+    def aggregate_windows(self, per_window: np.ndarray) -> np.ndarray:
+        """Clip value from per-window values [windows, n] (scores or embeddings): max or mean."""
+        return per_window.max(axis=0) if self.aggregate == "max" else per_window.mean(axis=0)
 
     def select(self, scores: np.ndarray) -> tuple[Category, ...]:
         """Top-k allowed categories whose score clears their threshold, best first."""

@@ -47,6 +47,7 @@ class TaggerOptions:
     num_threads: int | None = None  # LiteRT CPU threads; None: one per core up to 4
     prefetch: bool = True  # decode + log-mel the next window in a thread while the model runs
     max_duration_s: float = DEFAULT_MAX_DURATION_S  # longer inputs are refused (s)
+    embeddings: bool = False  # also the 2048-d embedding per window and per clip (fp32/int8 models)
 
     def __post_init__(self) -> None:
         try:
@@ -98,21 +99,28 @@ class Tagger:
         self.scorer = self.options.scorer()
         self.hop = self.options.hop_samples
         self.model = model if model is not None else load_model(self.options)
+        if self.options.embeddings and not self.model.has_embedding:
+            raise ModelError("has no embedding output (the fp16 model keeps the model card's single-output "
+                             "signature); use the fp32 or int8 model of 'soundtag convert' for embeddings",
+                             str(self.model.path))
 
     @classmethod
     def from_model_path(cls, path: str | Path, **options) -> Tagger:
         return cls(TaggerOptions(model_path=str(path), **options))
 
     # --- inference -------------------------------------------------------------------------
-    def _probs(self, feats: Iterable[tuple[int, int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        starts, valid, probs = [], [], []
+    def _run(self, feats: Iterable[tuple[int, int, np.ndarray]]) -> _Windows:
+        starts, valid, probs, embs = [], [], [], []
         for start, n, lm in feats:
             if not np.isfinite(lm).all():
                 raise AudioError(f"non-finite log-mel in the window at {start / features.SAMPLE_RATE:.2f} s")
+            p, e = self.model.run(lm)
             starts.append(start)
             valid.append(n)
-            probs.append(self.model(lm))
-        return np.array(starts), np.array(valid), np.array(probs, dtype=np.float32).reshape(-1, NUM_CLASSES)
+            probs.append(p)
+            embs.append(e)
+        return _Windows(np.array(starts), np.array(valid), np.array(probs, dtype=np.float32).reshape(-1, NUM_CLASSES),
+                        np.array(embs, dtype=np.float32) if self.options.embeddings else None)
 
     def tag_waveform(self, waveform: np.ndarray, sample_rate: int = features.SAMPLE_RATE, path: str | None = None) -> TagResult:
         """Tag a mono (or [samples, channels]) float waveform at any sample rate."""
@@ -129,8 +137,7 @@ class Tagger:
         if sample_rate != features.SAMPLE_RATE:
             x = soxr.resample(x, sample_rate, features.SAMPLE_RATE, quality="HQ")
         feats = logmel_windows(iter_windows([x], self.hop))
-        starts, valid, probs = self._probs(prefetch(feats) if self.options.prefetch else feats)
-        return self._result(path, duration, starts, valid, probs)
+        return self._result(path, duration, self._run(prefetch(feats) if self.options.prefetch else feats))
 
     def tag_file(self, path: str | Path) -> TagResult:
         """Decode (streaming, any format/rate/channels) and tag a file. Raises AudioError on bad input."""
@@ -175,8 +182,8 @@ class Tagger:
                     yield item
 
             try:
-                starts, valid, probs = self._probs(windows())
-                yield path, self._result(path, end[0].duration_s, starts, valid, probs), None
+                w = self._run(windows())  # consumes the file's windows, then its end marker
+                yield path, self._result(path, end[0].duration_s, w), None
             except Exception as exc:
                 if getattr(exc, "path", "") is None:
                     exc.path = path  # a SoundtagError raised without knowing the file
@@ -191,11 +198,12 @@ class Tagger:
         """Merge consecutive windows where an allowed class stays above its event threshold."""
         return self.scorer.events(starts_s, ends_s, probs)
 
-    def _result(self, path, duration_s, starts, valid, probs) -> TagResult:
+    def _result(self, path, duration_s, w: _Windows) -> TagResult:
         sr = features.SAMPLE_RATE
-        starts_s = starts / sr
-        ends_s = (starts + valid) / sr
-        clip = self.scorer.clip_scores(probs)
+        starts_s = w.starts / sr
+        ends_s = (w.starts + w.valid) / sr
+        probs = w.probs
+        clip = self.scorer.aggregate_windows(probs)
         windows = tuple(WindowResult(float(s), float(e), self.select(p)) for s, e, p in zip(starts_s, ends_s, probs))
         return TagResult(
             path=path,
@@ -206,9 +214,19 @@ class Tagger:
             clip_scores=clip,
             window_scores=probs,
             window_starts_s=starts_s,
+            clip_embedding=None if w.embeddings is None else self.scorer.aggregate_windows(w.embeddings),
+            window_embeddings=w.embeddings,
         )
 
 
 @dataclass(frozen=True)
 class _FileEnd:
     duration_s: float
+
+
+@dataclass(frozen=True)
+class _Windows:
+    starts: np.ndarray  # [windows] start samples
+    valid: np.ndarray  # [windows] real samples in each
+    probs: np.ndarray  # [windows, 527]
+    embeddings: np.ndarray | None  # [windows, 2048] when asked

@@ -22,7 +22,8 @@ from .results import is_record
 log = logging.getLogger(__name__)
 
 FORMATS = ("table", "json", "jsonl", "csv")
-OUTPUT_KINDS = {".jsonl": "jsonl", ".csv": "csv", ".txt": "raven"}  # --output FILE by extension
+OUTPUT_KINDS = {".jsonl": "jsonl", ".csv": "csv", ".txt": "raven", ".parquet": "parquet"}  # --output FILE by extension
+PARQUET_ROW_GROUP = 256  # records per Parquet row group when the journal is turned into the file
 CSV_FIELDS = ("path", "duration_s", "rank", "index", "mid", "label", "score", "error")
 RAVEN_FIELDS = ("Selection", "View", "Channel", "Begin Time (s)", "End Time (s)", "Low Freq (Hz)",
                 "High Freq (Hz)", "Begin Path", "Label", "MID", "Score")
@@ -134,6 +135,63 @@ def format_records(records: list[dict], fmt: str) -> str:
     return (csv_header() if fmt == "csv" else "") + "".join(RECORD_TEXT[fmt](r) for r in records)
 
 
+def parquet_schema():
+    """One row per input: every score, for querying without soundtag (pandas, polars, DuckDB)."""
+    import pyarrow as pa
+
+    f32 = pa.list_(pa.float32())
+    tag = pa.struct([("index", pa.int32()), ("mid", pa.string()), ("label", pa.string()), ("score", pa.float32())])
+    window = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("scores", f32)])
+    event = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("label", pa.string()),
+                       ("mid", pa.string()), ("score", pa.float32())])
+    return pa.schema([
+        ("path", pa.string()), ("duration_s", pa.float64()), ("clip_scores", f32), ("tags", pa.list_(tag)),
+        ("windows", pa.list_(window)), ("events", pa.list_(event)), ("embedding", f32), ("error", pa.string()),
+    ])
+
+
+def parquet_table(records: list[dict]):
+    """Records (made with ``to_record(scores=True)``, or error records) as a table in parquet_schema()."""
+    import pyarrow as pa
+
+    rows = []
+    for rec in records:
+        if "error" in rec:
+            rows.append({"path": rec["path"], "error": rec["error"]})
+            continue
+        rows.append({
+            "path": rec["path"], "duration_s": rec["duration_s"], "clip_scores": rec["clip_scores"],
+            "tags": rec["tags"], "events": rec["events"], "embedding": rec.get("embedding"),
+            "windows": [{"start_s": w["start_s"], "end_s": w["end_s"], "scores": w["scores"]} for w in rec["windows"]],
+        })
+    for row in rows:  # Arrow strings are UTF-8: a file name that is not keeps its bytes as surrogate escapes
+        row["path"] = _utf8(row["path"])
+    return pa.Table.from_pylist(rows, schema=parquet_schema())
+
+
+class PathSet(set):
+    """Paths already recorded, compared as the UTF-8 text every format stores (see _utf8)."""
+
+    def __contains__(self, path) -> bool:
+        return set.__contains__(self, _utf8(str(path)))
+
+    def add(self, path) -> None:
+        set.add(self, _utf8(str(path)))
+
+    def update(self, paths) -> None:
+        for p in paths:
+            self.add(p)
+
+
+def _utf8(path: str) -> str:
+    """A path as valid UTF-8 text: undecodable bytes (surrogate escapes) written as backslash escapes."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class StreamSink:
     """Records to a text stream (stdout) in one format: streamed record by record, JSON at close."""
 
@@ -169,6 +227,9 @@ class ResultFile:
       dropped (an error is not a result: they are tried again), so is any line that is not a complete
       record (a cut UTF-8 character, foreign JSON), and the last record of a CSV or Raven ``.part``
       (it may be cut between rows).
+    - Parquet cannot grow record by record and survive a kill, so for ``.parquet`` the ``.part`` is a
+      journal of full records (JSONL, every score); ``close()`` streams the rows kept from FILE and the
+      journal into a new Parquet file and moves it into place.
     """
 
     def __init__(self, path: str | Path, resume: bool = False) -> None:
@@ -184,7 +245,9 @@ class ResultFile:
         except OSError as exc:
             raise OutputError(f"cannot create its folder ({exc.strerror})", str(self.path)) from None
         self._lock = FileLock(self.path.with_name(self.path.name + ".lock"), str(self.path))
-        self.done: set[str] = set()
+        self.done = PathSet()
+        self.wants_scores = self.kind == "parquet"  # records must carry every score (to_record(scores=True))
+        self._parquet_kept: Path | None = None  # FILE.parquet whose rows the new file keeps (resume)
         self._selection = 1
         try:
             kept = self._recover() if resume else []
@@ -203,6 +266,9 @@ class ResultFile:
         for src, may_be_cut in ((self.path, False), (self.part, True)):
             if not src.is_file():
                 continue
+            if self.kind == "parquet" and src == self.path:
+                self._recover_parquet()
+                continue
             groups = self._read_records(src.read_bytes(), may_be_cut)
             for key, recs in groups.items():
                 if key not in self.done:
@@ -216,7 +282,7 @@ class ResultFile:
             data = data[: data.rfind(b"\n") + 1]  # killed mid-line (possibly mid-character)
         text = data.decode("utf-8", errors=TEXT_ERRORS)
         groups: dict[str, list[dict]] = {}
-        if self.kind == "jsonl":
+        if self.kind in ("jsonl", "parquet"):
             for line in text.splitlines():
                 try:
                     rec = json.loads(line)
@@ -233,6 +299,19 @@ class ResultFile:
         if may_be_cut and groups:
             groups.pop(next(reversed(groups)))  # the last input's rows may be incomplete
         return groups
+
+    def _recover_parquet(self) -> None:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(self.path, columns=["path", "error"])
+        except Exception as exc:  # not Parquet, or cut: do not overwrite what we cannot read
+            raise OutputError(f"cannot read it to resume ({' '.join(str(exc).split())}); move it away or "
+                              "run without --resume", str(self.path)) from None
+        ok = table.filter(pc.is_null(table["error"]))
+        self.done.update(ok["path"].to_pylist())
+        self._parquet_kept = self.path
 
     @staticmethod
     def _csv_rows(text: str):
@@ -272,7 +351,7 @@ class ResultFile:
         if "_cells" in rec:  # a Raven row kept from an earlier run, renumbered
             self._selection += 1
             return "\t".join([str(self._selection - 1)] + rec["_cells"][1:]) + "\n"
-        if self.kind == "jsonl":
+        if self.kind in ("jsonl", "parquet"):
             return jsonl_line(rec)
         if self.kind == "csv":
             return csv_rows(rec)
@@ -306,9 +385,41 @@ class ResultFile:
         """Flush to disk and move the finished file into place."""
         try:
             if self._finish_part():
-                os.replace(self.part, self.path)
+                if self.kind == "parquet":
+                    self._write_parquet()
+                else:
+                    os.replace(self.part, self.path)
         finally:
             self._lock.release()
+
+    def _write_parquet(self) -> None:
+        """Rows kept from FILE (resume), then the journal, streamed into FILE atomically."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with pq.ParquetWriter(tmp, parquet_schema()) as writer:
+                if self._parquet_kept is not None:
+                    old = pq.ParquetFile(self._parquet_kept)
+                    for batch in old.iter_batches(batch_size=PARQUET_ROW_GROUP):
+                        batch = batch.filter(pc.is_null(batch["error"]))
+                        if batch.num_rows:
+                            writer.write_batch(batch.cast(parquet_schema()) if batch.schema != parquet_schema() else batch)
+                pending: list[dict] = []
+                with open(self.part, encoding="utf-8", errors=TEXT_ERRORS) as journal:
+                    for line in journal:
+                        pending.append(json.loads(line))
+                        if len(pending) == PARQUET_ROW_GROUP:
+                            writer.write_table(parquet_table(pending))
+                            pending = []
+                if pending:
+                    writer.write_table(parquet_table(pending))
+            os.replace(tmp, self.path)
+            self.part.unlink()
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def abandon(self) -> Path:
         """After a failure: keep ``FILE.part`` for ``--resume`` (each complete line in it is a record);

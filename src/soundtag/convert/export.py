@@ -35,7 +35,7 @@ from ..errors import ValidationError
 from ..files import atomic_write_bytes, file_digest
 from .cnn14 import Cnn14Body, load_body
 from .winograd import WinogradConv3x3
-from .validate import GATES, compare, inspect_graph, run_tflite
+from .validate import GATES, ModelOutputs, compare, inspect_graph, run_tflite
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,10 @@ class _ExportBody(nn.Module):
     """CNN14 body with every BatchNorm folded into constants, for conversion only.
 
     Blocks listed in ``winograd`` (1-based) run their 3x3 convolutions as Winograd F(2x2, 3x3).
+    With ``embedding`` the model has a second output: the 2048-d embedding (fc1 + ReLU), as upstream.
     """
 
-    def __init__(self, body: Cnn14Body, winograd: tuple[int, ...] = ()) -> None:
+    def __init__(self, body: Cnn14Body, winograd: tuple[int, ...] = (), embedding: bool = False) -> None:
         super().__init__()
         keep: list[torch.Tensor] = []
 
@@ -87,8 +88,9 @@ class _ExportBody(nn.Module):
         self.fc1 = (const(body.fc1.weight), const(body.fc1.bias))
         self.fc2 = (const(body.fc_audioset.weight), const(body.fc_audioset.bias))
         self.keepalive = keep  # litert-torch #1061: no constant may be freed during conversion
+        self.embedding = embedding
 
-    def forward(self, logmel: torch.Tensor) -> torch.Tensor:
+    def forward(self, logmel: torch.Tensor):
         x = logmel * self.bn0_scale + self.bn0_shift
         for i, pool in enumerate(self.pools):
             for conv in self.convs[2 * i : 2 * i + 2]:
@@ -97,8 +99,9 @@ class _ExportBody(nn.Module):
                 x = F.avg_pool2d(x, pool)
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)
-        x = F.relu(F.linear(x, *self.fc1))
-        return torch.sigmoid(F.linear(x, *self.fc2))
+        emb = F.relu(F.linear(x, *self.fc1))
+        probs = torch.sigmoid(F.linear(emb, *self.fc2))
+        return (probs, emb) if self.embedding else probs
 
 
 class _DirectConv:
@@ -139,18 +142,24 @@ def _asset_path(name: str) -> Path:
     return Path(str(resources.files("soundtag.assets").joinpath(name)))
 
 
-def reference_probs(body: Cnn14Body, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def reference_outputs(body: Cnn14Body, inputs: dict[str, np.ndarray]) -> ModelOutputs:
+    """The PyTorch body's probabilities and embeddings per named input."""
+    probs, embs = {}, {}
     with torch.inference_mode():
-        return {k: body(torch.from_numpy(v)).double().numpy()[0] for k, v in inputs.items()}
+        for k, v in inputs.items():
+            emb = body.embed(torch.from_numpy(v))
+            embs[k] = emb.double().numpy()[0]
+            probs[k] = torch.sigmoid(body.fc_audioset(emb)).double().numpy()[0]
+    return ModelOutputs(probs, embs)
 
 
-def to_fp32_tflite(body: Cnn14Body, winograd: tuple[int, ...] = ()) -> bytes:
+def to_fp32_tflite(body: Cnn14Body, winograd: tuple[int, ...] = (), embedding: bool = True) -> bytes:
     """litert-torch conversion of the folded body; returns the flatbuffer bytes (unvalidated)."""
     try:
         import litert_torch
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("conversion needs litert-torch: pip install 'soundtag[convert]'") from exc
-    export = _ExportBody(body, winograd).eval()
+    export = _ExportBody(body, winograd, embedding).eval()
     sample = (torch.zeros(1, 1, features.N_FRAMES, features.N_MELS),)
     with torch.inference_mode():
         edge = litert_torch.convert(export, sample)
@@ -285,7 +294,7 @@ def convert_checkpoint(
         raise ValueError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
     body = load_body(checkpoint)
     inputs = validation_inputs()
-    reference = reference_probs(body, inputs)
+    reference = reference_outputs(body, inputs)
     report: dict = {
         "checkpoint": {"path": str(checkpoint), "bytes": checkpoint.stat().st_size, "md5": file_digest(checkpoint, "md5")},
         "inputs": list(inputs),
@@ -293,32 +302,40 @@ def convert_checkpoint(
         "models": {},
         "versions": _versions(),
     }
+    # fp32 and int8 (CPU models) carry the 2048-d embedding as a second output; fp16 keeps the model
+    # card's single-output signature, a drop-in for its Android code.
     blobs: dict[str, bytes] = {}
-    fast = winograd and "fp32" in precisions
-    direct = to_fp32_tflite(body) if not fast or set(precisions) - {"fp32"} else None
-    fp32 = to_fp32_tflite(body, WINOGRAD_BLOCKS) if fast else direct
-    makers = {"fp32": lambda: fp32, "fp16": lambda: to_fp16_tflite(direct), "int8": lambda: to_int8_tflite(direct)}
+    fp32 = to_fp32_tflite(body, WINOGRAD_BLOCKS if winograd else (), embedding=True)
+    direct = (fp32 if not winograd else to_fp32_tflite(body, (), embedding=True)) if "int8" in precisions else None
+    plain = to_fp32_tflite(body, (), embedding=False) if "fp16" in precisions else None
+    makers = {"fp32": lambda: fp32, "fp16": lambda: to_fp16_tflite(plain), "int8": lambda: to_int8_tflite(direct)}
     conv_form = {p: "direct" for p in precisions}
-    if fast:
+    if winograd:
         conv_form["fp32"] = f"winograd F(2x2,3x3) in blocks {', '.join(map(str, WINOGRAD_BLOCKS))}, direct elsewhere"
-    fp32_probs = run_tflite(fp32, inputs)
+    fp32_out = run_tflite(fp32, inputs)
     for precision in precisions:
         data = makers[precision]()
-        probs = fp32_probs if precision == "fp32" else run_tflite(data, inputs)
-        parity = compare(precision, reference, probs, gates[precision])
+        out = fp32_out if precision == "fp32" else run_tflite(data, inputs)
+        parity = compare(precision, reference.probs, out.probs, gates[precision])
         graph = inspect_graph(data)
         entry = {
             "file": MODEL_FILES[precision],
             "precision": precision,
             "convolutions": conv_form[precision],
+            "outputs": ["probabilities [1, 527]"] + (["embedding [1, 2048]"] if out.embeddings else []),
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "parity_vs_pytorch": dataclasses.asdict(parity),
             "graph": dataclasses.asdict(graph),
             "passed": parity.passed and graph.passed,
         }
+        if out.embeddings:
+            emb_gate = {"min_corr": gates[precision]["embedding_min_corr"], "max_abs_diff": None}
+            emb = compare(precision, reference.embeddings, out.embeddings, emb_gate)
+            entry["embedding_parity_vs_pytorch"] = dataclasses.asdict(emb)
+            entry["passed"] = entry["passed"] and emb.passed
         if precision != "fp32":
-            entry["fidelity_vs_fp32"] = dataclasses.asdict(compare(precision, fp32_probs, probs, {"min_corr": 0.0, "max_abs_diff": None}))
+            entry["fidelity_vs_fp32"] = dataclasses.asdict(compare(precision, fp32_out.probs, out.probs, {"min_corr": 0.0, "max_abs_diff": None}))
         report["models"][precision] = entry
         blobs[precision] = data
         log.info("%s: corr %.7f max|dp| %.2e graph %s", precision, parity.min_corr, parity.max_abs_diff, graph.passed)

@@ -160,7 +160,8 @@ def _span(seconds: float) -> str:
 
 
 def _why(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    strerror = getattr(exc, "strerror", None)  # FFmpeg's own words, without errno and file-object repr
+    text = " ".join((strerror if isinstance(strerror, str) and strerror else str(exc)).split())
     return text or type(exc).__name__
 
 

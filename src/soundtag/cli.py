@@ -70,26 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tag", help="tag audio files, folders or @lists of paths")
     t.add_argument("paths", nargs="*", metavar="PATH", help="audio file, folder (recursive) or @list.txt")
-    t.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
-    t.add_argument("--top-k", type=int, default=5, help="tags per clip and per window (1-527, default 5)")
+    _add_tag_options(t)
     t.add_argument("--format", choices=FORMATS, default="table", help="stdout format (default table)")
-    t.add_argument("--threshold", type=_finite("--threshold"), help="report only scores >= this, in [0, 1]; also the event threshold (default 0.5)")
-    t.add_argument("--thresholds", metavar="FILE", help="per-class thresholds: JSON {name: t} or lines 'name,t'")
-    t.add_argument("--allow", nargs="+", action="extend", metavar="CLASS", help="report only these classes (names or MIDs)")
-    t.add_argument("--deny", nargs="+", action="extend", metavar="CLASS", help="never report these classes")
-    t.add_argument("--hop", type=_finite("--hop"), default=WINDOW_S, metavar="SECONDS", help="seconds between 10 s windows (default 10)")
-    t.add_argument("--aggregate", choices=AGGREGATES, default="max", help="clip score from windows (default max)")
-    t.add_argument("--max-duration", type=_finite("--max-duration"), default=24 * 3600, metavar="SECONDS",
-                   help="refuse inputs longer than this (default 86400 = 24 h)")
     t.add_argument("--jobs", type=int, default=1, help="worker processes, each loading the model once (default 1)")
     t.add_argument("--threads", type=int, help="LiteRT threads per process (default: one per core, up to 4)")
     t.add_argument("--output", metavar="FILE",
                    help="write one combined file: .jsonl, .csv, .parquet (every score) or Raven selection table .txt")
-    t.add_argument("--embeddings", action="store_true",
-                   help="add the 2048-d clip embedding to each record (fp32/int8 models)")
     t.add_argument("--resume", action="store_true", help="with --output: skip inputs already in FILE")
     t.add_argument("--plot", metavar="PNG", help="draw the timeline of the top classes (one input only)")
     t.add_argument("--labels", action="store_true", help="print the 527 classes (index, MID, name) and exit")
+
+    r = sub.add_parser("corpus", help="tag an archive on Ray Data into a folder of Parquet files ([ray])")
+    r.add_argument("paths", nargs="+", metavar="INPUT",
+                   help="audio file, folder, @list.txt, or a .parquet/.csv with a 'path' column")
+    r.add_argument("--output", required=True, metavar="DIR", help="folder of Parquet files (one row per input)")
+    r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on this machine)")
+    r.add_argument("--actors", type=int, default=1, help="tagging actors, each loading the model once (default 1)")
+    r.add_argument("--threads-per-actor", type=int, default=1, help="CPUs reserved and LiteRT threads per actor")
+    r.add_argument("--resume", action="store_true", help="skip inputs already in DIR; retry its error rows")
+    _add_tag_options(r)
 
     c = sub.add_parser("convert", help="convert an upstream CNN14 checkpoint to validated LiteRT models")
     c.add_argument("checkpoint", help="Cnn14_mAP=0.431.pth or a file in the same format")
@@ -111,6 +110,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_tag_options(p: argparse.ArgumentParser) -> None:
+    """The model and report options shared by tag and corpus."""
+    from .scoring import AGGREGATES
+    from .windows import WINDOW_S
+
+    p.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
+    p.add_argument("--top-k", type=int, default=5, help="tags per clip and per window (1-527, default 5)")
+    p.add_argument("--threshold", type=_finite("--threshold"),
+                   help="report only scores >= this, in [0, 1]; also the event threshold (default 0.5)")
+    p.add_argument("--thresholds", metavar="FILE", help="per-class thresholds: JSON {name: t} or lines 'name,t'")
+    p.add_argument("--allow", nargs="+", action="extend", metavar="CLASS", help="report only these classes (names or MIDs)")
+    p.add_argument("--deny", nargs="+", action="extend", metavar="CLASS", help="never report these classes")
+    p.add_argument("--hop", type=_finite("--hop"), default=WINDOW_S, metavar="SECONDS",
+                   help="seconds between 10 s windows (default 10)")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="max", help="clip score from windows (default max)")
+    p.add_argument("--max-duration", type=_finite("--max-duration"), default=24 * 3600, metavar="SECONDS",
+                   help="refuse inputs longer than this (default 86400 = 24 h)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="add the 2048-d clip embedding to each record (fp32/int8 models)")
+
+
+def _tagger_options(args, num_threads: int | None = None):
+    """TaggerOptions from the shared flags; a bad value is a usage error."""
+    from .errors import OptionsError
+    from .tagger import TaggerOptions
+
+    try:
+        return TaggerOptions(
+            model_path=args.model, top_k=args.top_k, threshold=args.threshold,
+            thresholds=_read_thresholds(args.thresholds) if args.thresholds else None,
+            hop_s=args.hop, aggregate=args.aggregate, allow=args.allow, deny=args.deny,
+            num_threads=num_threads, max_duration_s=args.max_duration, embeddings=args.embeddings,
+        )
+    except OptionsError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
@@ -122,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"tag": _cmd_tag, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval}[args.command](args)
+        commands = {"tag": _cmd_tag, "corpus": _cmd_corpus, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval}
+        return commands[args.command](args)
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -153,18 +190,10 @@ def _cmd_tag(args) -> int:
     if args.resume and not args.output:
         raise UsageError("--resume needs --output FILE")
     from .batch import cap_jobs, expand_inputs, run_batch
-    from .tagger import Tagger, TaggerOptions
+    from .tagger import Tagger
     from .writers import ResultFile, StreamSink
 
-    try:
-        options = TaggerOptions(
-            model_path=args.model, top_k=args.top_k, threshold=args.threshold,
-            thresholds=_read_thresholds(args.thresholds) if args.thresholds else None,
-            hop_s=args.hop, aggregate=args.aggregate, allow=args.allow, deny=args.deny,
-            num_threads=args.threads, max_duration_s=args.max_duration, embeddings=args.embeddings,
-        )
-    except OptionsError as exc:
-        raise UsageError(str(exc)) from None
+    options = _tagger_options(args, args.threads)
     try:
         tagger = Tagger(options)  # loads and checks the model once, before any worker starts
     except ModelError as exc:
@@ -323,6 +352,50 @@ def _cmd_fetch(args) -> int:
         return EXIT_FAILED
     print(f"models ready in {where}")
     return EXIT_OK
+
+
+def _cmd_corpus(args) -> int:
+    from .batch import expand_inputs
+    from .errors import ModelError, OptionsError, OutputError
+    from .tagger import Tagger
+
+    options = _tagger_options(args, args.threads_per_actor)
+    try:
+        Tagger(options)  # the model loads and the options hold before any actor starts
+    except ModelError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    items: list[str] = []
+    for item in args.paths:
+        if item.lower().endswith((".parquet", ".csv")) and os.path.isfile(item):
+            from .corpus import read_path_table
+
+            try:
+                items.extend(read_path_table(item))
+            except (OptionsError, OSError, ValueError) as exc:
+                raise UsageError(f"{item}: {getattr(exc, 'reason', None) or exc}") from None
+        else:
+            items.append(item)
+    inputs = list(expand_inputs(items))
+    for path, error in inputs:
+        if error is not None:
+            _err(f"{path}: {error}")
+    paths = [p for p, e in inputs if e is None]
+    try:
+        from .corpus import run_corpus
+
+        counts = run_corpus(paths, args.output, options, actors=args.actors, threads_per_actor=args.threads_per_actor,
+                            address=args.address, resume=args.resume)
+    except (OptionsError, OutputError) as exc:
+        raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        _err(f"interrupted; finished files are in {args.output} (rerun with --resume)")
+        return EXIT_INTERRUPTED
+    for path, reason in counts.failures:
+        _err(f"{path}: {reason}")
+    failed = counts.failed + sum(1 for _, e in inputs if e is not None)
+    _err(f"{counts.tagged} tagged, {failed} failed, {counts.skipped} skipped; Parquet files in {args.output}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _cmd_eval(args) -> int:

@@ -165,26 +165,27 @@ def parquet_table(records: list[dict]):
             "windows": [{"start_s": w["start_s"], "end_s": w["end_s"], "scores": w["scores"]} for w in rec["windows"]],
         })
     for row in rows:  # Arrow strings are UTF-8: a file name that is not keeps its bytes as surrogate escapes
-        row["path"] = _utf8(row["path"])
+        row["path"] = text_path(row["path"])
     return pa.Table.from_pylist(rows, schema=parquet_schema())
 
 
 class PathSet(set):
-    """Paths already recorded, compared as the UTF-8 text every format stores (see _utf8)."""
+    """Paths already recorded, compared as the UTF-8 text every format can store (see text_path)."""
 
     def __contains__(self, path) -> bool:
-        return set.__contains__(self, _utf8(str(path)))
+        return set.__contains__(self, text_path(str(path)))
 
     def add(self, path) -> None:
-        set.add(self, _utf8(str(path)))
+        set.add(self, text_path(str(path)))
 
     def update(self, paths) -> None:
         for p in paths:
             self.add(p)
 
 
-def _utf8(path: str) -> str:
-    """A path as valid UTF-8 text: undecodable bytes (surrogate escapes) written as backslash escapes."""
+def text_path(path: str) -> str:
+    """A path as valid UTF-8 text (Arrow strings must be): undecodable bytes (surrogate escapes) become
+    backslash escapes, e.g. ``caf\\xe9.wav``."""
     try:
         path.encode("utf-8")
         return path

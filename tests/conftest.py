@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Ray reads this when first imported: the tests' local Ray then talks to itself on 127.0.0.1 only
+# (soundtag.corpus.init_ray sets the same for the command line).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from tests.fixtures import CACHE, SR, cached_checkpoint, cached_models, scene, speech_wave, tone, write_wav  # noqa: F401
 

@@ -18,7 +18,10 @@ ray = pytest.importorskip("ray", reason="soundtag[ray] not installed")
 
 @pytest.fixture(scope="session")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    from soundtag.corpus import init_ray
+
+    init_ray(num_cpus=2)  # on 127.0.0.1 only
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
     yield
     ray.shutdown()
 
@@ -110,3 +113,13 @@ def test_corpus_inputs_from_path_tables(local_ray, archive, int8, tmp_path, caps
     bad.write_text("file\nx.wav\n")
     code, _, err = run(capsys, "corpus", bad, "--output", tmp_path / "o2", "--model", int8)
     assert code == 2 and "no 'path' column" in err
+
+
+def test_unreachable_cluster_is_one_line(archive, int8, tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "soundtag", "corpus", str(archive), "--output", str(tmp_path / "o"),
+                        "--model", str(int8), "--address", "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "soundtag: cannot connect to Ray at 127.0.0.1:1" in p.stderr

@@ -100,6 +100,52 @@ def existing_rows(out_dir: Path) -> tuple[PathSet, int]:
     return done, removed
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local Ray keeps all its traffic on 127.0.0.1
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at address ($RAY_ADDRESS), or start a local Ray on this machine.
+
+    A local Ray would otherwise register this machine's network address and talk to itself through it;
+    Ray's own switch for single-machine use keeps it on the loopback (ray-project/ray#18730); Ray reads
+    it when it is first imported, so this runs before any import of ray in this process."""
+    address = _local_on_loopback(address)
+    import ray
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # progress bars stay; per-operator INFO lines go
+    if ray.is_initialized():
+        return
+    if address:
+        _check_reachable(address)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 **({} if address else {"num_cpus": num_cpus or os.cpu_count()}))
+    except Exception as exc:  # no cluster there, wrong token, version mismatch
+        raise OptionsError(f"cannot {'connect to Ray at ' + address if address else 'start a local Ray'} "
+                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+
+
+def _local_on_loopback(address: str | None) -> str | None:
+    """The cluster address to use (argument, else $RAY_ADDRESS); for a local Ray, the loopback switch."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+    return address
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or address == "auto":
+        return  # "auto" and other forms: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise OptionsError(f"cannot connect to Ray at {address} ({exc.strerror or exc})") from None
+
+
 def run_corpus(
     paths: list[str],
     out_dir: str | Path,
@@ -110,6 +156,7 @@ def run_corpus(
     resume: bool = False,
 ) -> CorpusCounts:
     """Tag paths on a Ray cluster (local by default) into Parquet files under out_dir."""
+    _local_on_loopback(address)  # before the first import of ray
     try:
         import ray
         import ray.data  # noqa: F401
@@ -129,11 +176,7 @@ def run_corpus(
     todo = [p for p in paths if p not in done]
     counts.skipped = len(paths) - len(todo)
     options = dataclasses.replace(options, num_threads=threads_per_actor, prefetch=True)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # progress bars stay; per-operator INFO lines go
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 **({} if address else {"num_cpus": os.cpu_count()}))
+    init_ray(address)
     if todo:
         import ray.data
 

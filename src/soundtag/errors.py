@@ -6,6 +6,13 @@ involved. Batch records carry ``err.reason`` (the path is already in the record)
 
 from __future__ import annotations
 
+# Process exit codes of the command line (cli.py, and `soundtag eval`, which cli.py imports).
+EXIT_OK = 0  # every input done
+EXIT_FAILED = 1  # some inputs failed, or the run itself
+EXIT_USAGE = 2  # a bad flag or value, refused before any work
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (`| head`)
+
 
 class SoundtagError(Exception):
     """Base of soundtag's errors. ``reason``: the cause in one line; ``path``: the file, if any."""

@@ -11,7 +11,7 @@ Floor 6: imports the public API below it; only cli.py imports this module.
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import json
 import logging
 import math
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, DEFAULT_MAX_DURATION_S
-from .errors import OptionsError, SoundtagError, UnknownClassError
+from .batch import APPLEDOUBLE_PREFIX
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionsError, SoundtagError, UnknownClassError
 from .files import atomic_write_bytes
 from .labels import NUM_CLASSES, labels, lookup
 from .results import error_reason
@@ -33,7 +34,6 @@ from .windows import WINDOW_S
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # as cli.py (which imports this module)
 REPORT_FORMATS = ("table", "json")
 TABLE_CLASSES = 10  # worst and best classes listed in the table
 TABLE_MISSING = 10  # missing clips listed in the table (the JSON report lists all)
@@ -43,7 +43,7 @@ COMMENT = "#"  # a labels line starting so is a comment
 PARQUET_SUFFIXES = (".parquet", ".pq")
 PARQUET_MAGIC = b"PAR1"  # first bytes of a Parquet file
 PARQUET_COLUMNS = ("path", "clip_scores", "error")  # what eval reads of the predictions table
-APPLEDOUBLE_PREFIX = "._"  # macOS resource-fork companions in an audio folder: not audio
+OPTION_FLAGS = {"hop_s": "--hop", "num_threads": "--threads", "max_duration_s": "--max-duration"}  # in messages
 FULL_TOP_K = "soundtag tag --top-k 527 --format jsonl"  # how to make predictions that eval can use
 
 
@@ -157,7 +157,7 @@ def read_labels(path: str, audio_dir: str | None = None) -> LabelSet:
         clips = _path_clips(path, rows, header.index("path"), header.index("labels"), base)
         kind = "paths"
     elif header[0] == "ytid" or (len(header) >= 4 and _is_number(header[1]) and _is_number(header[2])):
-        clips = _audioset_clips(path, rows if header[0] == "ytid" else _chain([first], rows))
+        clips = _audioset_clips(path, rows if header[0] == "ytid" else itertools.chain([first], rows))
         kind = "audioset"
     else:
         raise OptionsError(f"line {first[0]}: not a labels file: expected AudioSet's segment CSV "
@@ -185,11 +185,6 @@ def _csv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
     for row in reader:
         if any(cell.strip() for cell in row):
             yield reader.line_num, row
-
-
-def _chain(*parts: Iterable) -> Iterator:
-    for part in parts:
-        yield from part
 
 
 def _is_number(text: str) -> bool:
@@ -309,7 +304,8 @@ def _read_records(path: str) -> list[Prediction]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise OptionsError(f"line {n}: not JSON ({exc.msg})", path) from None
+            raise OptionsError(f"line {n}: not a JSON record ({exc.msg}); predictions are the JSONL of "
+                               f"'{FULL_TOP_K}' or a Parquet file", path) from None
         out.append(_prediction(rec, path, f"line {n}"))
     return out
 
@@ -326,7 +322,10 @@ def _prediction(rec, path: str, where: str) -> Prediction:
         else:
             scores = np.full(NUM_CLASSES, np.nan)
             for tag in rec["tags"]:
-                scores[int(tag["index"])] = float(tag["score"])
+                index = tag["index"]
+                if not (isinstance(index, int) and 0 <= index < NUM_CLASSES):
+                    raise ValueError(index)
+                scores[index] = float(tag["score"])
     except (KeyError, TypeError, ValueError, IndexError):
         raise OptionsError(f"{where}: not a soundtag record (tags need index and score)", path) from None
     have = int(np.isfinite(scores).sum())
@@ -457,8 +456,12 @@ def tagger_options(args):
     """TaggerOptions from the eval flags (validated now: a bad value is a usage error before any work)."""
     from .tagger import TaggerOptions
 
-    return TaggerOptions(model_path=args.model, hop_s=args.hop, aggregate=args.aggregate,
-                         num_threads=args.threads, max_duration_s=args.max_duration)
+    try:
+        return TaggerOptions(model_path=args.model, hop_s=args.hop, aggregate=args.aggregate,
+                             num_threads=args.threads, max_duration_s=args.max_duration)
+    except OptionsError as exc:
+        field, _, rest = exc.reason.partition(" ")
+        raise OptionsError(f"{OPTION_FLAGS.get(field, field)} {rest}") from None
 
 
 def collect(args, on_clip: Callable[[str, str | None], None] | None = None) -> tuple[LabelSet, Coverage]:
@@ -481,6 +484,8 @@ def collect(args, on_clip: Callable[[str, str | None], None] | None = None) -> t
             cov.scores.update(scores)
             cov.tagged = len(scores)
             cov.missing.update({i: _joined(prior.get(i), reason) for i, reason in failed.items()})
+    log.info("%d labeled clips: %d from predictions, %d tagged, %d missing", len(label_set.clips), cov.predicted,
+             cov.tagged, len(cov.missing))
     return label_set, cov
 
 
@@ -523,7 +528,8 @@ def _number(value: float) -> float | None:
 def _class_rows(ap: np.ndarray, auc: np.ndarray, positives: np.ndarray) -> list[dict]:
     """Per class, worst AP first; classes without positives last (ap and auc null)."""
     table = labels()
-    order = sorted(range(NUM_CLASSES), key=lambda c: (not math.isfinite(ap[c]), ap[c] if math.isfinite(ap[c]) else 0.0, c))
+    defined = np.isfinite(ap)
+    order = sorted(range(NUM_CLASSES), key=lambda c: (not defined[c], ap[c] if defined[c] else 0.0, c))
     return [{"index": c, "mid": table[c].mid, "label": table[c].name, "ap": _number(ap[c]), "auc": _number(auc[c]),
              "positives": int(positives[c])} for c in order]
 
@@ -562,7 +568,8 @@ def table_text(report: dict) -> str:
 
 def _class_lines(rows: list[dict]) -> list[str]:
     head = f"  {'AP':>6}  {'AUC':>6}  {'pos':>5}  class"
-    return [head] + [f"  {_fmt(r['ap'])}  {_fmt(r['auc'])}  {r['positives']:>5}  {r['label']}  [{r['mid']}]" for r in rows]
+    return [head] + [f"  {_fmt(r['ap'])}  {_fmt(r['auc'])}  {r['positives']:>5}  {r['label']}  [{r['mid']}]"
+                     for r in rows]
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -577,7 +584,7 @@ def _check_output(path: str | None) -> None:
         raise OptionsError("--output is a folder; give a file name such as report.json", path)
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
-        raise OptionsError("--output: no such folder", parent)
+        raise OptionsError("no such folder for --output", parent)
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -591,7 +598,8 @@ def add_parser(sub) -> None:
     e.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
     e.add_argument("--output", metavar="FILE", help="write the JSON report here (atomically)")
     e.add_argument("--format", choices=REPORT_FORMATS, default="table", help="stdout format (default table)")
-    e.add_argument("--hop", type=float, default=WINDOW_S, metavar="SECONDS", help="seconds between 10 s windows (default 10)")
+    e.add_argument("--hop", type=float, default=WINDOW_S, metavar="SECONDS",
+                   help="seconds between 10 s windows (default 10)")
     e.add_argument("--aggregate", choices=AGGREGATES, default="max", help="clip score from windows (default max)")
     e.add_argument("--threads", type=int, help="LiteRT threads (default: one per core, up to 4)")
     e.add_argument("--max-duration", type=float, default=DEFAULT_MAX_DURATION_S, metavar="SECONDS",
@@ -627,6 +635,9 @@ def main(args) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a failure of the run itself (out of memory, a vanished folder): one line
+        _err(f"eval failed: {error_reason(exc)}")
+        return EXIT_FAILED
     finally:
         progress.close()
     return _emit(report, args)

@@ -61,8 +61,8 @@ class TagResult:
         rec = {
             "path": self.path,
             "duration_s": round(self.duration_s, 6),
-            "tags": _tags(self.clip),
-            "windows": [{"start_s": w.start_s, "end_s": w.end_s, "tags": _tags(w.categories)} for w in self.windows],
+            "tags": tags_record(self.clip),
+            "windows": [{"start_s": w.start_s, "end_s": w.end_s, "tags": tags_record(w.categories)} for w in self.windows],
             "events": [
                 {"start_s": e.start_s, "end_s": e.end_s, "label": e.name, "mid": e.mid, "score": round(e.score, SCORE_DIGITS)}
                 for e in self.events
@@ -102,5 +102,6 @@ def is_record(obj: object) -> bool:
     )
 
 
-def _tags(categories) -> list[dict]:
+def tags_record(categories) -> list[dict]:
+    """Categories as the record's tag objects."""
     return [{"index": c.index, "mid": c.mid, "label": c.name, "score": round(c.score, SCORE_DIGITS)} for c in categories]

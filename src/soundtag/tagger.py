@@ -108,6 +108,12 @@ class Tagger:
     def from_model_path(cls, path: str | Path, **options) -> Tagger:
         return cls(TaggerOptions(model_path=str(path), **options))
 
+    def stream(self, sample_rate: int, channels: int = 1):
+        """A TagStream: feed live PCM blocks, get windows and events as they complete (stream.py)."""
+        from .stream import TagStream
+
+        return TagStream(self, sample_rate, channels)
+
     # --- inference -------------------------------------------------------------------------
     def _run(self, feats: Iterable[tuple[int, int, np.ndarray]]) -> _Windows:
         starts, valid, probs, embs = [], [], [], []

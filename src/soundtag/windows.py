@@ -35,34 +35,61 @@ def window_starts(num_samples: int, hop: int, window: int = WINDOW_SAMPLES) -> l
     return starts
 
 
+class WindowCutter:
+    """The window rule, push-based: ``push(block)`` returns the windows it completes, ``finish()`` the
+    last one (zero-padded for audio of at most 10 s, else aligned to the end if audio remains past the
+    last hop-aligned window). Holds at most one window plus one block, whatever the hop."""
+
+    def __init__(self, hop: int, window: int = WINDOW_SAMPLES) -> None:
+        if hop < 1:
+            raise ValueError(f"hop must be >= 1 sample, got {hop}")
+        self.hop, self.window = hop, window
+        self._buf = np.zeros(0, np.float32)
+        self._buf_start = 0  # absolute sample index of _buf[0]
+        self._next = 0  # absolute start of the next hop-aligned window
+        self._last_end = 0  # absolute end of the last window given out (0: none yet)
+
+    @property
+    def samples(self) -> int:
+        """Samples pushed so far."""
+        return self._buf_start + self._buf.size
+
+    def push(self, block: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """(start, real_samples, window) for each window this block completes."""
+        w = self.window
+        self._buf = np.concatenate([self._buf, np.asarray(block, np.float32).ravel()])
+        out = []
+        while self._buf_start + self._buf.size >= self._next + w:
+            i = self._next - self._buf_start
+            out.append((self._next, w, self._buf[i : i + w].copy()))
+            self._last_end = self._next + w
+            self._next += self.hop
+        # keep what the next window needs, and the last `window` samples for an end-aligned final one
+        keep_from = max(self._buf_start, min(self._next, self._buf_start + self._buf.size - w))
+        self._buf, self._buf_start = self._buf[keep_from - self._buf_start :], keep_from
+        return out
+
+    def finish(self) -> list[tuple[int, int, np.ndarray]]:
+        """The last window under the rule (none for no audio, none if the last window reached the end)."""
+        total, w = self.samples, self.window
+        if total == 0:
+            return []
+        if self._last_end == 0:  # at most 10 s in all: one zero-padded window
+            out = np.zeros(w, np.float32)
+            out[:total] = self._buf
+            return [(0, total, out)]
+        if self._last_end < total:  # the audio goes on past the last hop-aligned window
+            return [(total - w, w, self._buf[self._buf.size - w :].copy())]
+        return []
+
+
 def iter_windows(blocks: Iterable[np.ndarray], hop: int, window: int = WINDOW_SAMPLES) -> Iterator[tuple[int, int, np.ndarray]]:
     """(start, real_samples, window) over a stream of blocks: exactly the windows of
     window_starts(total, hop). Holds at most one window plus one block, whatever the hop."""
-    if hop < 1:
-        raise ValueError(f"hop must be >= 1 sample, got {hop}")
-    buf = np.zeros(0, np.float32)
-    buf_start = 0  # absolute sample index of buf[0]
-    next_start = 0  # absolute start of the next hop-aligned window
-    last_end = 0  # absolute end of the last window yielded (0: none yet)
+    cutter = WindowCutter(hop, window)
     for block in blocks:
-        buf = np.concatenate([buf, np.asarray(block, np.float32)])
-        while buf_start + buf.size >= next_start + window:
-            i = next_start - buf_start
-            yield next_start, window, buf[i : i + window].copy()
-            last_end = next_start + window
-            next_start += hop
-        # keep what the next window needs, and the last `window` samples for an end-aligned final one
-        keep_from = max(buf_start, min(next_start, buf_start + buf.size - window))
-        buf, buf_start = buf[keep_from - buf_start :], keep_from
-    total = buf_start + buf.size
-    if total == 0:
-        return
-    if last_end == 0:  # at most 10 s in all: one zero-padded window
-        out = np.zeros(window, np.float32)
-        out[:total] = buf
-        yield 0, total, out
-    elif last_end < total:  # the audio goes on past the last hop-aligned window
-        yield total - window, window, buf[buf.size - window :].copy()
+        yield from cutter.push(block)
+    yield from cutter.finish()
 
 
 def logmel_windows(windows: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[tuple[int, int, np.ndarray]]:

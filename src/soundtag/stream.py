@@ -1,0 +1,171 @@
+"""Live tagging: feed PCM blocks of any size, at any rate, get each window's tags as soon as it completes.
+
+One code path for `soundtag listen` and the server's WebSocket: ``Tagger.stream(rate, channels)``.
+Fed the samples of a file, a stream gives the windows and scores of ``Tagger.tag_file`` (same window
+rule, same soxr resampler run incrementally). It holds at most one window plus one block of audio, and
+one running clip aggregate, however long it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import features
+from .errors import AudioError, OptionsError
+from .labels import labels
+from .results import Category, Event, tags_record
+from .windows import WindowCutter
+
+PCM_ENCODINGS = {"f32le": "<f4", "s16le": "<i2", "s32le": "<i4"}  # raw sample formats accepted
+INT_SCALE = {"<i2": 32768.0, "<i4": 2147483648.0}  # integer PCM full scale
+MAX_CHANNELS = 64
+
+
+@dataclass(frozen=True)
+class StreamWindow:
+    """A completed window: its time span, reported tags and all 527 scores; ``latency_s`` is the time from
+    the block that completed it arriving to this result."""
+
+    start_s: float
+    end_s: float
+    categories: tuple[Category, ...]
+    scores: np.ndarray = field(repr=False, compare=False)
+    latency_s: float = 0.0
+
+    def to_record(self) -> dict:
+        return {"start_s": round(self.start_s, 6), "end_s": round(self.end_s, 6), "tags": tags_record(self.categories)}
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """An event opening (``kind="start"``, end and score so far) or closing (``kind="end"``, final)."""
+
+    kind: str
+    event: Event
+
+    def to_record(self) -> dict:
+        e = self.event
+        return {"event": self.kind, "start_s": round(e.start_s, 6), "end_s": round(e.end_s, 6), "label": e.name,
+                "mid": e.mid, "score": round(e.score, 6)}
+
+
+def decode_pcm(data: bytes, encoding: str, channels: int) -> np.ndarray:
+    """Raw interleaved PCM bytes -> float32 [frames, channels] in [-1, 1] (a partial frame is an error)."""
+    if encoding not in PCM_ENCODINGS:
+        raise OptionsError(f"encoding must be one of {', '.join(PCM_ENCODINGS)}, got {encoding!r}")
+    dtype = np.dtype(PCM_ENCODINGS[encoding])
+    frame = dtype.itemsize * channels
+    if len(data) % frame:
+        raise AudioError(f"{len(data)} bytes is not a whole number of {channels}-channel {encoding} frames")
+    x = np.frombuffer(data, dtype=dtype).reshape(-1, channels)
+    scale = INT_SCALE.get(dtype.str)
+    return (x.astype(np.float32) / np.float32(scale)) if scale else x.astype(np.float32)
+
+
+class TagStream:
+    """Incremental tagging of one live input (see the module docstring). Build with ``Tagger.stream``."""
+
+    def __init__(self, tagger, sample_rate: int, channels: int = 1, clock: Callable[[], float] = time.perf_counter):
+        import soxr
+
+        from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+
+        if not (isinstance(sample_rate, int) and MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE):
+            raise OptionsError(f"sample_rate must be an integer in {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz, got {sample_rate!r}")
+        if not (isinstance(channels, int) and 1 <= channels <= MAX_CHANNELS):
+            raise OptionsError(f"channels must be an integer in 1-{MAX_CHANNELS}, got {channels!r}")
+        self.tagger, self.sample_rate, self.channels = tagger, sample_rate, channels
+        self._clock = clock
+        self._resampler = None if sample_rate == features.SAMPLE_RATE else soxr.ResampleStream(
+            sample_rate, features.SAMPLE_RATE, 1, "float32", "HQ")
+        self._cutter = WindowCutter(tagger.hop)
+        self._frames = 0  # source frames fed
+        self._windows = 0
+        self._clip: np.ndarray | None = None  # running max, or running sum for the mean
+        self._open: dict[int, list] = {}  # class -> [start_s, end_s, score] of the open event
+        self.closed = False
+
+    @property
+    def duration_s(self) -> float:
+        return self._frames / self.sample_rate
+
+    def feed(self, samples: np.ndarray) -> list[StreamWindow | StreamEvent]:
+        """Samples float [frames] or [frames, channels] in [-1, 1]; returns the windows they complete and the
+        events that open or close with them."""
+        if self.closed:
+            raise AudioError("the stream is closed")
+        arrived = self._clock()
+        x = np.asarray(samples, dtype=np.float32)
+        if x.ndim == 1 and self.channels == 1:
+            x = x[:, None]
+        if x.ndim != 2 or x.shape[1] != self.channels:
+            raise AudioError(f"expected samples shaped [frames, {self.channels}], got {list(x.shape)}")
+        if x.size and not np.isfinite(x).all():
+            raise AudioError(f"non-finite sample (NaN or Inf) near {self.duration_s:.3f} s")
+        self._frames += x.shape[0]
+        mono = (x * np.float32(1.0 / self.channels)).sum(axis=1, dtype=np.float32) if self.channels > 1 else x[:, 0]
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono)
+        return self._tag(self._cutter.push(mono), arrived)
+
+    def close(self) -> list[StreamWindow | StreamEvent]:
+        """End of input: the last window under the file rule, then every open event closes."""
+        if self.closed:
+            return []
+        arrived = self._clock()
+        self.closed = True
+        out: list = []
+        if self._resampler is not None:
+            out += self._tag(self._cutter.push(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)), arrived)
+        out += self._tag(self._cutter.finish(), arrived)
+        for c in sorted(self._open):
+            out.append(self._event("end", c))
+        self._open.clear()
+        return out
+
+    def clip_scores(self) -> np.ndarray | None:
+        """Clip scores so far (max or mean over the windows so far, like a file's)."""
+        if self._clip is None:
+            return None
+        return self._clip if self.tagger.scorer.aggregate == "max" else self._clip / self._windows
+
+    def _tag(self, windows, arrived: float) -> list[StreamWindow | StreamEvent]:
+        sr = features.SAMPLE_RATE
+        scorer = self.tagger.scorer
+        out: list = []
+        for start, n, wave in windows:
+            lm = features.logmel(wave)
+            if not np.isfinite(lm).all():
+                raise AudioError(f"non-finite log-mel in the window at {start / sr:.2f} s")
+            probs = self.tagger.model(lm)
+            self._windows += 1
+            if self._clip is None:
+                self._clip = probs.copy()
+            elif scorer.aggregate == "max":
+                np.maximum(self._clip, probs, out=self._clip)
+            else:
+                self._clip += probs
+            start_s, end_s = start / sr, (start + n) / sr
+            out.append(StreamWindow(start_s, end_s, scorer.select(probs), probs, self._clock() - arrived))
+            above = (probs >= scorer.event_cutoffs) & scorer.mask
+            for c in [c for c in self._open if not above[c]]:
+                out.append(self._event("end", c))
+                del self._open[c]
+            for c in np.flatnonzero(above):
+                c = int(c)
+                if c in self._open:
+                    ev = self._open[c]
+                    ev[1], ev[2] = end_s, max(ev[2], float(probs[c]))
+                else:
+                    self._open[c] = [start_s, end_s, float(probs[c])]
+                    out.append(self._event("start", c))
+        return out
+
+    def _event(self, kind: str, c: int) -> StreamEvent:
+        lab = labels()[c]
+        start_s, end_s, score = self._open[c]
+        return StreamEvent(kind, Event(start_s, end_s, c, lab.mid, lab.name, score))

@@ -51,7 +51,7 @@ def test_stream_equals_tag_file(tagger, tmp_path, sr, channels, seconds):
 
 
 def test_stream_memory_is_bounded(tagger):
-    """An hour of silence in 0.5 s blocks: the stream holds one window and one block, not the hour."""
+    """10 minutes of silence in 0.5 s blocks: the stream holds one window and one block, not the minutes."""
     import tracemalloc
 
     stream = tagger.stream(48000, 2)
@@ -63,7 +63,7 @@ def test_stream_memory_is_bounded(tagger):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     n += sum(isinstance(i, StreamWindow) for i in stream.close())  # the resampler's last samples
-    assert n == 119 and peak < 12e6
+    assert n == 119 and peak < 20e6  # the 10 minutes themselves are 230 MB
 
 
 def test_decode_pcm_and_bad_streams(tagger):

@@ -10,6 +10,7 @@ from .errors import (
     OptionsError,
     OutputError,
     SoundtagError,
+    TooLongError,
     UnknownClassError,
 )
 from .features import logmel
@@ -34,6 +35,7 @@ __all__ = [
     "Tagger",
     "TaggerOptions",
     "TagResult",
+    "TooLongError",
     "UnknownClassError",
     "WindowResult",
     "labels",

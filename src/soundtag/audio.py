@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 import soxr
 
-from .errors import AudioError
+from .errors import AudioError, TooLongError
 from .features import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class AudioStream:
                              "(a broken header or not a recording)", self.path)
         declared = self._source.declared_frames
         if declared and declared / sr > self.max_duration_s:
-            raise AudioError(f"declares {_span(declared / sr)} of audio, more than the maximum "
+            raise TooLongError(f"declares {_span(declared / sr)} of audio, more than the maximum "
                              f"{_span(self.max_duration_s)} (--max-duration)", self.path)
 
     @property
@@ -123,7 +123,7 @@ class AudioStream:
                                      "float32 resampling: not audio, or wrongly scaled float data", self.path)
                 self.frames += block.shape[0]
                 if self.frames > max_frames:
-                    raise AudioError(f"longer than the maximum {_span(self.max_duration_s)} (--max-duration)", self.path)
+                    raise TooLongError(f"longer than the maximum {_span(self.max_duration_s)} (--max-duration)", self.path)
                 # scale before summing: the mean of finite float32 samples cannot overflow
                 mono = (block * np.float32(1.0 / ch)).sum(axis=1, dtype=np.float32) if ch > 1 else block[:, 0]
                 out = mono if resampler is None else resampler.resample_chunk(mono)
@@ -273,7 +273,7 @@ def _open(f: BinaryIO, path: str, by_path: bool):
     except ImportError:  # pragma: no cover - av is a hard dependency
         raise AudioError(f"not readable by libsndfile ({first}); install PyAV for other formats", path) from None
     try:
-        container = av.open(f, options=dict(FFMPEG_OPTIONS))
+        container = av.open(f, mode="r", options=dict(FFMPEG_OPTIONS))  # mode: an upload is a w+b file
     except Exception as exc:
         raise AudioError(f"not an audio file ({_why(exc)})", path) from None
     if container.format.name in PLAYLIST_FORMATS or not container.streams.audio:

@@ -90,6 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="skip inputs already in DIR; retry its error rows")
     _add_tag_options(r)
 
+    li = sub.add_parser("listen", help="tag live audio: raw PCM on stdin ('-') or the microphone ([mic])")
+    li.add_argument("source", nargs="?", metavar="SOURCE", help="'-': raw interleaved PCM on stdin; left out: the microphone")
+    li.add_argument("--rate", type=int, metavar="HZ", help="input sample rate (default 32000 on stdin; the device's for a microphone)")
+    li.add_argument("--channels", type=int, default=1, help="interleaved channels, averaged to mono (default 1)")
+    li.add_argument("--encoding", default="f32le", help="stdin sample format: f32le, s16le or s32le (default f32le)")
+    li.add_argument("--device", type=int, metavar="N", help="microphone: sounddevice input device index (default: the default input)")
+    li.add_argument("--format", choices=("table", "jsonl"), help="table (live; default on a terminal) or jsonl (default otherwise)")
+    _add_tag_options(li)
+
+    v = sub.add_parser("serve", help="HTTP API and web page over one loaded model ([serve])")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 is your choice)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--workers", type=int, default=1, help="interpreters, i.e. windows tagged at once (default 1)")
+    v.add_argument("--queue", type=int, default=8, help="uploads that may wait for a turn; more get 429 (default 8)")
+    v.add_argument("--max-upload-mb", type=_finite("--max-upload-mb"), default=100.0, help="larger uploads get 413")
+    v.add_argument("--max-duration-s", type=_finite("--max-duration-s"), default=3600.0, help="longer audio gets 413")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and the page")
+    v.add_argument("--threads", type=int, help="LiteRT threads per interpreter")
+    _add_tag_options(v)
+
     c = sub.add_parser("convert", help="convert an upstream CNN14 checkpoint to validated LiteRT models")
     c.add_argument("checkpoint", help="Cnn14_mAP=0.431.pth or a file in the same format")
     c.add_argument("--output-dir", required=True, help="where models, mel basis, labels and report go")
@@ -158,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"tag": _cmd_tag, "corpus": _cmd_corpus, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval}
+        commands = {"tag": _cmd_tag, "corpus": _cmd_corpus, "listen": _cmd_listen, "serve": _cmd_serve, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval}
         return commands[args.command](args)
     except UsageError as exc:
         _err(str(exc))
@@ -397,6 +417,50 @@ def _cmd_corpus(args) -> int:
     _err(f"{counts.tagged} tagged, {failed} failed, {counts.skipped} skipped; Parquet files in {args.output}")
     return EXIT_FAILED if failed else EXIT_OK
 
+
+def _cmd_serve(args) -> int:
+    from .errors import OptionsError
+
+    options = _tagger_options(args, args.threads)
+    try:
+        from .serve import ServeConfig, serve
+
+        config = ServeConfig(options, workers=args.workers, queue=args.queue, max_upload_mb=args.max_upload_mb,
+                             max_duration_s=args.max_duration_s, api_key=args.api_key)
+    except OptionsError as exc:
+        raise UsageError(str(exc)) from None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        _err(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it")
+    _err(f"serving {options.model_path or 'the cached model'} on http://{args.host}:{args.port}/")
+    try:
+        serve(config, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _cmd_listen(args) -> int:
+    from . import listen
+    from .errors import OptionsError, SoundtagError
+
+    if args.embeddings:
+        raise UsageError("listen: --embeddings is for files ('soundtag tag'); a live stream reports tags and events")
+    try:
+        options = listen.ListenOptions(source=args.source, sample_rate=args.rate, channels=args.channels,
+                                       encoding=args.encoding, device=args.device,
+                                       view=args.format or listen.default_view(sys.stdout))
+    except OptionsError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        report = listen.run(_tagger_options(args), options)
+    except SoundtagError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:  # before the stream runs (model loading), or a second Ctrl-C while it closes
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    _err(report.summary())
+    return EXIT_INTERRUPTED if report.interrupted else EXIT_OK
 
 def _cmd_eval(args) -> int:
     from . import evaluate

@@ -30,6 +30,10 @@ class AudioError(SoundtagError, ValueError):
     """An input that cannot be decoded into finite audio samples."""
 
 
+class TooLongError(AudioError):
+    """An input that declares or decodes to more than the allowed duration (--max-duration)."""
+
+
 class ModelError(SoundtagError, ValueError):
     """A file that is not a CNN14 LiteRT model with the expected signature, or that fails to load."""
 

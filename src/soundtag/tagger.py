@@ -145,9 +145,14 @@ class Tagger:
         feats = logmel_windows(iter_windows([x], self.hop))
         return self._result(path, duration, self._run(prefetch(feats) if self.options.prefetch else feats))
 
-    def tag_file(self, path: str | Path) -> TagResult:
-        """Decode (streaming, any format/rate/channels) and tag a file. Raises AudioError on bad input."""
-        _, result, error = next(self.tag_files([path]))
+    def tag_file(self, source, name: str | None = None) -> TagResult:
+        """Decode (streaming, any format/rate/channels) and tag a file: a path, or a seekable binary file
+        object (an upload; ``name`` is its path in the result). Raises AudioError on bad input."""
+        if hasattr(source, "read"):
+            item = (name or str(getattr(source, "name", "<upload>")), source)
+        else:
+            item = (os.fspath(source), os.fspath(source))
+        _, result, error = next(self._tag_sources([item]))
         if error is not None:
             raise error
         return result
@@ -159,13 +164,17 @@ class Tagger:
         model runs, across file boundaries too, so a batch of short clips overlaps decoding one file
         with the model on the previous one.
         """
-        paths = [os.fspath(p) for p in paths]
+        return self._tag_sources([(os.fspath(p), os.fspath(p)) for p in paths])
+
+    def _tag_sources(self, sources: list[tuple[str, object]]) -> Iterator[tuple[str, TagResult | None, Exception | None]]:
+        """tag_files over (name, path or binary file object) pairs."""
+        paths = [name for name, _ in sources]
         max_s = self.options.max_duration_s
 
         def produce() -> Iterator[tuple[str, object]]:
-            for path in paths:
+            for path, source in sources:
                 try:
-                    stream = AudioStream(path, max_duration_s=max_s)
+                    stream = AudioStream(source, max_duration_s=max_s, name=path)
                     for item in logmel_windows(iter_windows(stream, self.hop)):
                         yield path, item
                     yield path, _FileEnd(stream.duration_s)

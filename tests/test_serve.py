@@ -255,3 +255,11 @@ def test_websocket_needs_the_key(keyed):
     with pytest.raises(Exception):
         asyncio.run(connect(""))
     assert asyncio.run(connect("?api_key=sekrit"))[-1] == {"type": "done"}
+
+
+def test_malformed_form_is_one_line_422(server, uploads):
+    wav = uploads["wav"].read_bytes()
+    r = httpx.post(server.url + "/v1/tags", files={"file": ("a.wav", wav)}, data={"top_k": "abc"}, timeout=60)
+    assert r.status_code == 422 and set(r.json()) == {"error"} and r.json()["error"].startswith("top_k: ")
+    r = httpx.post(server.url + "/v1/tags", data={"top_k": "3"}, timeout=60)
+    assert r.status_code == 422 and r.json()["error"].startswith("file: ")

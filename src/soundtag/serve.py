@@ -31,7 +31,7 @@ UPLOAD_SLACK_BYTES = 64 * 1024  # multipart headers and form fields on top of th
 RETRY_AFTER_S = 2  # advised wait on 429
 CLIENT_GONE = 499  # nginx's status for a client that left before its answer
 DISCONNECT_POLL_S = 0.05  # how long to listen for a closed connection before a request's turn
-PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # no API key needed (plus /static/: the page has no data)
+PUBLIC_PATHS = ("/health", "/")  # no API key needed (plus /static/: the page holds no data)
 OPTION_FIELDS = ("top_k", "threshold", "hop_s", "aggregate", "allow", "deny")  # per-request tag options
 
 
@@ -123,6 +123,14 @@ def create_app(config: ServeConfig):
         yield
 
     app = FastAPI(title="soundtag", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_form(request, exc):  # e.g. top_k=abc, or no file field: one line, as every error here
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x not in ("body", "query"))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}".strip(": ")}, status_code=422)
     limit = int(config.max_upload_mb * 1_000_000)
     app.add_middleware(_UploadLimit, limit_bytes=limit + UPLOAD_SLACK_BYTES, path="/v1/tags",
                        message=f"upload larger than the limit of {config.max_upload_mb:g} MB (--max-upload-mb)")

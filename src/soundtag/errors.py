@@ -34,6 +34,10 @@ class TooLongError(AudioError):
     """An input that declares or decodes to more than the allowed duration (--max-duration)."""
 
 
+class MicrophoneError(SoundtagError, RuntimeError):
+    """No microphone: sounddevice or PortAudio missing, no input device, or one that cannot open."""
+
+
 class ModelError(SoundtagError, ValueError):
     """A file that is not a CNN14 LiteRT model with the expected signature, or that fails to load."""
 

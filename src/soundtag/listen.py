@@ -23,7 +23,7 @@ from typing import BinaryIO, TextIO
 import numpy as np
 
 from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
-from .errors import AudioError, OptionsError, SoundtagError
+from .errors import AudioError, MicrophoneError, OptionsError, SoundtagError
 from .stream import MAX_CHANNELS, PCM_ENCODINGS, StreamEvent, StreamWindow, decode_pcm
 from .writers import jsonl_line
 
@@ -41,10 +41,6 @@ LIVE_REFRESH_S = 0.25  # s between redraws of the live table when no window arri
 BAR_WIDTH = 30  # characters of a score bar in the live table
 PORTAUDIO_HINT = "apt-get install libportaudio2"
 MIC_EXTRA_HINT = "pip install 'soundtag[mic]'"
-
-
-class MicrophoneError(SoundtagError, RuntimeError):
-    """No microphone: sounddevice or PortAudio missing, no input device, or one that cannot open."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -21,26 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.machine import cpu_line
 from tests.fixtures import cached_models, scene
 
 ROOT = Path(__file__).resolve().parents[1]
 FEW = 4  # files of the short run that measures start-up
-
-
-def cpu_line() -> str:
-    flags = set()
-    model = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
-    return f"{model or platform.machine()}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'none of avx2/avx512'}"
 
 
 def timed(cmd: list[str], env: dict | None = None) -> float:

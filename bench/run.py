@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.machine import cpu_line
 from tests.fixtures import cached_checkpoint, cached_models, scene
 
 # torch's OpenMP workers otherwise spin after each call and steal both cores from the variant that
@@ -240,7 +241,7 @@ def main() -> None:
         mem = probe_memory(clips[0], long, args.long_minutes, model_files, ckpt, args.threads)
 
     ref_total = stats["reference"]["total"][0]
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+    print(f"\nMachine: {cpu_line()}, Python {platform.python_version()}; "
           f"{args.clips} clips x {args.rounds} rounds, interleaved; threads={args.threads}\n")
     print("| path | decode ms | log-mel ms | model ms | per file: total ms (p10-p90) | RTF | body GFLOP/s | per file vs reference | folder run ms/clip | folder run vs reference |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.corpus import cpu_line
+from bench.machine import cpu_line
 from tests.fixtures import cached_models, scene
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -513,3 +513,18 @@ def _without_root_file_powers() -> None:
     for cap in (cap_dac_override, cap_dac_read_search):
         if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_options_are_checked_without_a_model():
+    """TaggerOptions refuses bad values when built: a server or a Ray actor needs no model to say so."""
+    from soundtag import OptionsError, TaggerOptions, UnknownClassError
+
+    missing = "/nonexistent/model.tflite"
+    for bad in (dict(top_k=0), dict(top_k=True), dict(hop_s=float("inf")), dict(threshold=float("nan")),
+                dict(thresholds={"Dog": 1.5}), dict(aggregate="median"), dict(num_threads=0), dict(allow="Dog"),
+                dict(max_duration_s=-1)):
+        with pytest.raises(OptionsError):
+            TaggerOptions(model_path=missing, **bad)
+    with pytest.raises(UnknownClassError, match="did you mean 'Dog'") as info:
+        TaggerOptions(model_path=missing, deny=["Dogg"])
+    assert isinstance(info.value, KeyError) and info.value.reason.startswith("unknown AudioSet class")

@@ -128,3 +128,12 @@ def test_parquet_killed_run_resumes(models, clips, tmp_path):
     assert code == 0
     table = pq.read_table(out)
     assert sorted(table["path"].to_pylist()) == sorted(map(str, files))
+
+
+def test_parquet_resume_refuses_an_unreadable_file(models, clips, tmp_path, capsys):
+    out = tmp_path / "x.parquet"
+    out.write_bytes(b"PAR1 not really")
+    code, _, err = run(capsys, "tag", clips[0], "--model", models / "cnn14_audioset_int8.tflite", "--output", out,
+                       "--resume")
+    assert code == 2 and f"{out}: cannot read it to resume" in err and err.count("\n") <= 2
+    assert out.read_bytes() == b"PAR1 not really" and not out.with_name("x.parquet.lock").exists()

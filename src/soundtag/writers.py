@@ -253,6 +253,9 @@ class ResultFile:
         try:
             kept = self._recover() if resume else []
             self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        except OutputError:
+            self._lock.release()
+            raise
         except OSError as exc:
             self._lock.release()
             raise OutputError(f"cannot write {self.part.name} ({exc.strerror or exc})", str(self.path)) from None

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -32,7 +32,6 @@ class Counts:
     tagged: int = 0
     failed: int = 0
     skipped: int = 0  # already in the output (--resume)
-    failures: list = field(default_factory=list)
 
 
 # --- inputs -------------------------------------------------------------------------------

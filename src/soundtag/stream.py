@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import features
+from .audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from .errors import AudioError, OptionsError
 from .labels import labels
 from .results import Category, Event, tags_record
@@ -22,7 +23,6 @@ from .windows import WindowCutter
 
 PCM_ENCODINGS = {"f32le": "<f4", "s16le": "<i2", "s32le": "<i4"}  # raw sample formats accepted
 INT_SCALE = {"<i2": 32768.0, "<i4": 2147483648.0}  # integer PCM full scale
-MAX_CHANNELS = 64
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,6 @@ class TagStream:
 
     def __init__(self, tagger, sample_rate: int, channels: int = 1, clock: Callable[[], float] = time.perf_counter):
         import soxr
-
-        from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
         if not (isinstance(sample_rate, int) and MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE):
             raise OptionsError(f"sample_rate must be an integer in {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz, got {sample_rate!r}")

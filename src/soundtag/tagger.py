@@ -23,7 +23,7 @@ from .labels import NUM_CLASSES
 from .model import Cnn14Model
 from .paths import resolve_model_path
 from .results import TagResult, WindowResult
-from .scoring import AGGREGATES, DEFAULT_EVENT_THRESHOLD, Scorer  # noqa: F401 (re-exported)
+from .scoring import Scorer
 from .windows import WINDOW_S, iter_windows, logmel_windows, prefetch
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ SRC = ROOT / "src" / "soundtag"
 CACHE = Path(os.environ.get("SOUNDTAG_TEST_CACHE", ROOT / ".test-cache"))
 SR = 32_000
 CHECKPOINT_SOURCES = ("convert/synthetic.py", "convert/cnn14.py", "features.py", "assets/mel_basis.bin")
-MODEL_SOURCES = ("convert/export.py", "convert/validate.py", "convert/winograd.py", "model.py",
+MODEL_SOURCES = ("convert/export.py", "convert/validate.py", "convert/winograd.py", "convert/frontend.py", "model.py",
                  "assets/speech_espeak.flac")
 TOOLS = ("torch", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "numpy")
 ALL_PRECISIONS = ("fp32", "fp16", "int8")
@@ -49,14 +49,15 @@ def cached_checkpoint(cache: str | Path = CACHE) -> Path:
 
 
 def cached_models(cache: str | Path = CACHE, precisions: tuple[str, ...] = ALL_PRECISIONS) -> Path:
-    """Converted, validated models of the synthetic checkpoint under cache/, built once per hash."""
+    """Converted, validated models of the synthetic checkpoint under cache/, built once per hash
+    (with the waveform models of fp32 and fp16; proven on the GPU where there is one)."""
     from soundtag.convert.export import REPORT_FILE, convert_checkpoint
 
     out = Path(cache) / f"models-{cache_key(precisions)}"
     report = out / REPORT_FILE
     if not (report.is_file() and json.loads(report.read_text()).get("passed")):
         shutil.rmtree(out, ignore_errors=True)
-        convert_checkpoint(cached_checkpoint(cache), out, precisions)
+        convert_checkpoint(cached_checkpoint(cache), out, precisions, waveform=True)
     return out
 
 

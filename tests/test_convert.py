@@ -29,13 +29,17 @@ def test_report_gates_and_files(models):
         assert "model_builder.cc" in g["gpu_op_source"]
         assert (models / m["file"]).stat().st_size == m["bytes"]
     assert int8["bytes"] < 0.3 * fp32["bytes"] and int8["bytes"] < 0.55 * fp16["bytes"]
-    # fp16/int8: the model card's layout, 12 direct 3x3 convolutions (the first, 1 channel in, as depthwise)
-    assert fp16["graph"]["ops"]["CONV_2D"] + fp16["graph"]["ops"]["DEPTHWISE_CONV_2D"] == 12
-    assert fp16["graph"]["ops"]["DEQUANTIZE"] >= 12  # fp16 weights, dequantized (GPU folds these)
-    assert fp16["convolutions"] == int8["convolutions"] == "direct"
-    # fp32: blocks 4-6 as Winograd (one BATCH_MATMUL per convolution), blocks 1-3 direct
-    assert fp32["convolutions"].startswith("winograd") and fp32["graph"]["ops"]["BATCH_MATMUL"] == 6
-    assert fp32["graph"]["ops"]["CONV_2D"] + fp32["graph"]["ops"]["DEPTHWISE_CONV_2D"] - 6 == 6
+    # the GPU layout (issue #8): each 3x3 convolution summed over groups of input channels
+    cins = (1, 64, 64, 128, 128, 256, 256, 512, 512, 1024, 1024, 2048)  # per conv, blocks 1-6
+    ops16, ops8, ops32 = fp16["graph"]["ops"], int8["graph"]["ops"], fp32["graph"]["ops"]
+    assert ops16["CONV_2D"] + ops16.get("DEPTHWISE_CONV_2D", 0) == sum(-(-c // 32) for c in cins) == 189
+    assert ops16["DEQUANTIZE"] >= 189  # fp16 weights, dequantized (GPU folds these)
+    assert ops8["CONV_2D"] + ops8.get("DEPTHWISE_CONV_2D", 0) == sum(-(-c // 256) for c in cins) == 27
+    assert fp16["convolutions"] == "direct (groups of 32 input channels)"
+    assert int8["convolutions"] == "direct (groups of 256 input channels)"
+    # fp32: blocks 4-6 as Winograd (BATCH_MATMULs over groups of 256 input channels), blocks 1-3 direct
+    assert fp32["convolutions"].startswith("winograd") and ops32["BATCH_MATMUL"] == sum(-(-c // 256) for c in cins[6:]) == 21
+    assert ops32["CONV_2D"] + ops32.get("DEPTHWISE_CONV_2D", 0) - 6 == 6  # 6 direct + 6 Winograd input transforms
     assert "DEQUANTIZE" not in fp32["graph"]["ops"]
 
 
@@ -71,14 +75,14 @@ def corrupted_fp32(checkpoint, models, monkeypatch):
     altered = bias.copy()
     altered[7] += 0.5
     bad = good[:at] + altered.tobytes() + good[at + altered.nbytes :]
-    monkeypatch.setattr(export, "to_fp32_tflite", lambda body, winograd=(), embedding=True: bad)
+    monkeypatch.setattr(export, "to_fp32_tflite", lambda body, *args, **kwargs: bad)
     return bad
 
 
 def test_corrupted_model_is_refused(checkpoint, corrupted_fp32, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValidationError, match="failed validation"):
-        export.convert_checkpoint(checkpoint, out, ("fp32",))
+        export.convert_checkpoint(checkpoint, out, ("fp32",), gpu_check=False)
     assert not list(out.glob("*.tflite"))
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["passed"] is False and report["models"]["fp32"]["passed"] is False
@@ -88,7 +92,7 @@ def test_corrupted_model_is_refused(checkpoint, corrupted_fp32, tmp_path):
 def test_cli_convert_refuses_corrupted(checkpoint, corrupted_fp32, tmp_path, capsys):
     from soundtag.cli import main
 
-    assert main(["convert", str(checkpoint), "--output-dir", str(tmp_path), "--precision", "fp32"]) == 1
+    assert main(["convert", str(checkpoint), "--output-dir", str(tmp_path), "--precision", "fp32", "--no-gpu-check"]) == 1
     assert "failed validation" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tflite"))
 
@@ -150,7 +154,20 @@ def test_winograd_conv_matches_direct(cin, cout, h, w):
     weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
     bias = torch.randn(cout, generator=g, dtype=torch.float64)
     x = torch.randn(1, cin, h, w, generator=g, dtype=torch.float64)
-    conv = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous())
+    ref = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
+    for group in (None, 4, 3):  # one GEMM, or summed over groups of input channels (the GPU layout)
+        conv = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous(), group)
+        torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
+
+
+def test_split_direct_conv_matches_conv2d():
+    """A direct convolution summed over groups of input channels vs torch's conv2d, uneven last group."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(6, 10, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(6, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 10, 9, 7, generator=g, dtype=torch.float64)
+    conv = export._DirectConv(weight, bias, lambda t: t.detach().double().contiguous(), 4)
+    assert len(conv.weights) == 3
     ref = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
     torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
 
@@ -159,12 +176,13 @@ def test_cli_convert_direct_fp32(checkpoint, tmp_path, capsys):
     """--no-winograd writes the model card's direct layout for fp32, through the same gates."""
     from soundtag.cli import main
 
-    assert main(["convert", str(checkpoint), "--output-dir", str(tmp_path), "--precision", "fp32", "--no-winograd"]) == 0
+    assert main(["convert", str(checkpoint), "--output-dir", str(tmp_path), "--precision", "fp32", "--no-winograd",
+                 "--no-gpu-check"]) == 0
     out = capsys.readouterr().out
-    assert "cnn14_audioset_fp32.tflite: fp32 (direct)" in out
+    assert "cnn14_audioset_fp32.tflite: fp32 (direct (groups of 256 input channels))" in out
     report = json.loads((tmp_path / "conversion_report.json").read_text())
     fp32 = report["models"]["fp32"]
-    assert fp32["convolutions"] == "direct" and "BATCH_MATMUL" not in fp32["graph"]["ops"]
+    assert fp32["convolutions"] == "direct (groups of 256 input channels)" and "BATCH_MATMUL" not in fp32["graph"]["ops"]
     assert fp32["parity_vs_pytorch"]["min_corr"] >= 0.99999 and fp32["parity_vs_pytorch"]["max_abs_diff"] <= 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "audioset_labels.txt", "cnn14_audioset_fp32.tflite", "conversion_report.json", "mel_basis.bin"]

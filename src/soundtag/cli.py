@@ -116,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", nargs="+", action="extend", help="fp32 fp16 int8 (default: fp32 fp16)")
     c.add_argument("--no-winograd", action="store_true",
                    help="fp32 with direct convolutions (smaller file, slower on CPU; fp16/int8 always direct)")
+    c.add_argument("--waveform", action="store_true",
+                   help="also write cnn14_audioset_waveform_{fp32,fp16}.tflite: waveform in, the log-mel in the graph")
+    c.add_argument("--no-gpu-check", action="store_true",
+                   help="skip running the models on LiteRT's GPU accelerator (done by default where one exists)")
+
+    st = sub.add_parser("selftest", help="load a model, run the probe on the CPU or GPU, report parity and speed")
+    st.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
+    _add_accelerator_options(st)
+    st.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
+    st.add_argument("--runs", type=int, default=3, help="timed windows after a warm-up (default 3)")
+    st.add_argument("--threads", type=int, help="LiteRT CPU threads (default: one per core, up to 4)")
 
     f = sub.add_parser("fetch", help="download the upstream checkpoint, verify it, convert it into the cache")
     f.add_argument("--url", help="download from this URL instead of Zenodo (a mirror); still verified")
@@ -149,6 +160,17 @@ def _add_tag_options(p: argparse.ArgumentParser) -> None:
                    help="refuse inputs longer than this (default 86400 = 24 h)")
     p.add_argument("--embeddings", action="store_true",
                    help="add the 2048-d clip embedding to each record (fp32/int8 models)")
+    _add_accelerator_options(p)
+
+
+def _add_accelerator_options(p: argparse.ArgumentParser) -> None:
+    from .model import ACCELERATORS, GPU_PRECISIONS
+
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu",
+                   help="cpu (default), gpu (LiteRT's GPU accelerator; fails if none runs the model correctly) "
+                        "or auto (the GPU when it passes its probe, else the CPU)")
+    p.add_argument("--gpu-precision", choices=GPU_PRECISIONS,
+                   help="GPU arithmetic (default: the model's own: fp16 for the fp16 model, else fp32)")
 
 
 def _tagger_options(args, num_threads: int | None = None):
@@ -162,6 +184,7 @@ def _tagger_options(args, num_threads: int | None = None):
             thresholds=_read_thresholds(args.thresholds) if args.thresholds else None,
             hop_s=args.hop, aggregate=args.aggregate, allow=args.allow, deny=args.deny,
             num_threads=num_threads, max_duration_s=args.max_duration, embeddings=args.embeddings,
+            accelerator=args.accelerator, gpu_precision=args.gpu_precision,
         )
     except OptionsError as exc:
         raise UsageError(str(exc)) from None
@@ -178,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"tag": _cmd_tag, "corpus": _cmd_corpus, "listen": _cmd_listen, "serve": _cmd_serve, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval}
+        commands = {"tag": _cmd_tag, "corpus": _cmd_corpus, "listen": _cmd_listen, "serve": _cmd_serve, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval,
+                    "selftest": _cmd_selftest}
         return commands[args.command](args)
     except UsageError as exc:
         _err(str(exc))
@@ -331,7 +355,8 @@ def _cmd_convert(args) -> int:
         _err(f"{args.checkpoint}: no such file")
         return EXIT_FAILED
     try:
-        result = convert_checkpoint(args.checkpoint, args.output_dir, precisions, winograd=not args.no_winograd)
+        result = convert_checkpoint(args.checkpoint, args.output_dir, precisions, winograd=not args.no_winograd,
+                                    gpu_check=not args.no_gpu_check, waveform=args.waveform)
     except (CheckpointError, ValidationError) as exc:
         _err(str(exc))
         return EXIT_FAILED
@@ -339,7 +364,15 @@ def _cmd_convert(args) -> int:
         par, g = m["parity_vs_pytorch"], m["graph"]
         print(f"{m['file']}: {precision} ({m['convolutions']}), {m['bytes'] / 1e6:.1f} MB, corr {par['min_corr']:.7f}, "
               f"max|dp| {par['max_abs_diff']:.2e}, {g['subgraphs']} subgraph, rank <= {g['max_rank']}, "
-              f"GPU ops {'all supported' if g['gpu_ok'] else 'missing ' + ', '.join(g['gpu_unsupported'])}")
+              f"GPU ops {'all supported' if g['gpu_ok'] else 'missing ' + ', '.join(g['gpu_unsupported'])}, "
+              f"largest tensor {g['largest_tensor_bytes'] / 2**20:.0f} MiB as fp32")
+        gpu = m.get("gpu")
+        if gpu and gpu["available"]:
+            modes = ", ".join(f"{mode} mode corr {r['min_corr']:.6f}" if "min_corr" in r else f"{mode} mode: {r['error']}"
+                              for mode, r in gpu["modes"].items())
+            print(f"  on the GPU ({gpu.get('backend', 'WebGPU')} {gpu.get('adapter', '')}): {modes}")
+        elif gpu:
+            print(f"  GPU not checked: {gpu['reason']}")
     print(f"wrote {len(result.written)} files to {args.output_dir} in {result.report['seconds']} s")
     return EXIT_OK
 
@@ -437,6 +470,16 @@ def _cmd_serve(args) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _cmd_selftest(args) -> int:
+    from .selftest import format_table, selftest
+
+    if args.runs < 1:
+        raise UsageError(f"--runs must be >= 1, got {args.runs}")
+    report = selftest(args.model, args.accelerator, args.gpu_precision, runs=args.runs, num_threads=args.threads)
+    print(json.dumps(report, indent=2) if args.format == "json" else format_table(report))
+    return EXIT_OK if report["passed"] else EXIT_FAILED
 
 
 def _cmd_listen(args) -> int:

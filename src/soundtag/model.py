@@ -2,104 +2,346 @@
 
 One wrapper for every user of a model: the tagger, and the converter's validation, which runs the
 bytes it is about to write through ``Cnn14Model.from_bytes`` so the gate tests the code that ships.
+
+Two runtimes: the CPU (LiteRT's Interpreter with XNNPACK, the default) and the GPU (LiteRT's
+``CompiledModel`` on its GPU accelerator: ML Drift over WebGPU/Dawn, which reaches Vulkan, Metal or
+D3D12). A GPU can return wrong numbers without raising anything (a buffer over WebGPU's binding limit
+reads as zeros), so a GPU model is only accepted after a probe: the shipped speech clip through the
+GPU and through the CPU, compared against PROBE_GATES.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
 import logging
 import os
+import re
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import features
 from .errors import InferenceError, ModelError
-from .features import N_FRAMES, N_MELS
+from .features import CLIP_SAMPLES, N_FRAMES, N_MELS
 from .labels import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
 INPUT_SHAPE = (1, 1, N_FRAMES, N_MELS)  # log-mel, the model card's layout
+WAVEFORM_SHAPE = (1, CLIP_SAMPLES)  # the waveform model's input: 10 s mono at 32 kHz, log-mel in the graph
+INPUT_KINDS = {INPUT_SHAPE: "logmel", WAVEFORM_SHAPE: "waveform"}
 OUTPUT_SHAPE = (1, NUM_CLASSES)  # sigmoid probabilities
 EMBEDDING_SHAPE = (1, 2048)  # optional second output: fc1 + ReLU, upstream CNN14's `embedding`
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # XNNPACK threads; one per core up to 4
+ACCELERATORS = ("cpu", "gpu", "auto")  # "auto": the GPU when it loads and passes the probe, else the CPU
+GPU_PRECISIONS = ("fp16", "fp32")  # the GPU accelerator's arithmetic; None: the model's own (fp16 model: fp16)
+# Probe gates, GPU vs CPU on the speech clip: far looser than the converter's (which prove the layout),
+# tight enough to refuse a broken device or driver (zeros, garbage, a dropped layer).
+PROBE_GATES = {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.999, "max_abs_diff": 0.05}}
+WEBGPU_LIBRARY = "libLiteRtWebGpuAccelerator.so"
+VULKAN_ICD_DIRS = ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d")
+
+
+@dataclass
+class GpuInfo:
+    """What the GPU path found: for `soundtag selftest`, the conversion report and the logs."""
+
+    precision: str  # fp16 or fp32 arithmetic
+    backend: str  # e.g. "WebGPU/Vulkan"
+    adapter: str  # e.g. "llvmpipe (LLVM 15.0.6, 256 bits)"
+    adapter_type: str  # e.g. "CPU / Software", "Discrete GPU"
+    fully_accelerated: bool
+    probe: dict = field(default_factory=dict)  # corr, max_abs_diff, top1 vs the CPU on the speech clip
 
 
 class Cnn14Model:
-    """A loaded .tflite CNN14 body. Call it with a log-mel [1001, 64] or [1, 1, 1001, 64].
+    """A loaded .tflite CNN14 body. Call it with a log-mel [1001, 64] or [1, 1, 1001, 64]; a waveform
+    model (``input_kind == "waveform"``, log-mel inside the graph) with 320 000 samples instead.
 
     Outputs: probabilities float32 [1, 527], and optionally the embedding float32 [1, 2048]
     (``has_embedding``; the fp32 and int8 models of ``soundtag convert`` carry it, the fp16 model keeps
-    the model card's single-output signature)."""
+    the model card's single-output signature).
 
-    def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
+    ``accelerator``: "cpu" (default), "gpu" (ModelError naming what is missing when no GPU runs it
+    correctly) or "auto" (the GPU if it loads, is fully accelerated and passes the probe; else the
+    CPU with one warning). ``gpu_precision``: "fp16" or "fp32"; None takes the model's own."""
+
+    def __init__(self, path: str | Path, num_threads: int | None = None, accelerator: str = "cpu",
+                 gpu_precision: str | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError("model file not found", str(self.path))
-        self._load(str(self.path), dict(model_path=str(self.path)), num_threads)
+        self._load(str(self.path), dict(model_path=str(self.path)), num_threads, accelerator, gpu_precision)
 
     @classmethod
-    def from_bytes(cls, data: bytes, num_threads: int | None = None, name: str = "<bytes>") -> Cnn14Model:
+    def from_bytes(cls, data: bytes, num_threads: int | None = None, name: str = "<bytes>",
+                   accelerator: str = "cpu", gpu_precision: str | None = None) -> Cnn14Model:
         """A model from flatbuffer bytes (the converter checks what it is about to write this way)."""
         self = cls.__new__(cls)
         self.path = Path(name)
-        self._load(name, dict(model_content=bytes(data)), num_threads)
+        self._load(name, dict(model_content=bytes(data)), num_threads, accelerator, gpu_precision)
         return self
 
-    def _load(self, name: str, source: dict, num_threads: int | None) -> None:
+    def _load(self, name: str, source: dict, num_threads: int | None, accelerator: str,
+              gpu_precision: str | None) -> None:
+        if accelerator not in ACCELERATORS:
+            raise ModelError(f"unknown accelerator {accelerator!r}; choose from {', '.join(ACCELERATORS)}", name)
+        if gpu_precision not in (None, *GPU_PRECISIONS):
+            raise ModelError(f"unknown GPU precision {gpu_precision!r}; choose from {', '.join(GPU_PRECISIONS)}", name)
         from ai_edge_litert.interpreter import Interpreter
 
         try:
-            self._interp = Interpreter(**source, num_threads=num_threads or DEFAULT_THREADS)
-            self._interp.allocate_tensors()
+            interp = Interpreter(**source, num_threads=num_threads or DEFAULT_THREADS)
+            interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"not a LiteRT model ({' '.join(str(exc).split())})", name) from None
-        inputs, outputs = self._interp.get_input_details(), self._interp.get_output_details()
-        if len(inputs) != 1 or len(outputs) not in (1, 2):
-            raise ModelError(f"expected 1 input and 1 or 2 outputs, found {len(inputs)} and {len(outputs)}", name)
-        by_shape = {tuple(int(d) for d in det["shape"]): det for det in outputs}
-        probs = by_shape.get(OUTPUT_SHAPE) if len(outputs) == 2 else outputs[0]
-        emb = by_shape.get(EMBEDDING_SHAPE) if len(outputs) == 2 else None
-        if len(outputs) == 2 and (probs is None or emb is None or emb["dtype"] != np.float32):
-            shapes = ", ".join(f"{np.dtype(d['dtype']).name}{[int(x) for x in d['shape']]}" for d in outputs)
-            raise ModelError(f"outputs are {shapes}, expected float32{list(OUTPUT_SHAPE)} and "
-                             f"float32{list(EMBEDDING_SHAPE)} (not a CNN14 AudioSet model)", name)
-        for kind, det, shape in (("input", inputs[0], INPUT_SHAPE), ("output", probs, OUTPUT_SHAPE)):
-            got = [int(d) for d in det["shape"]]
-            if tuple(got) != shape or det["dtype"] != np.float32:
-                raise ModelError(
-                    f"{kind} is {np.dtype(det['dtype']).name}{got}, expected float32{list(shape)} "
-                    "(not a CNN14 AudioSet model)", name)
-        self._in = inputs[0]["index"]
-        self._out = probs["index"]
-        self._emb = None if emb is None else emb["index"]
-        self.precision = _precision(self._interp.get_tensor_details())
-        log.info("loaded %s (%s)", name, self.precision)
+        self.precision = _precision(interp.get_tensor_details())
+        self._cpu = _CpuRunner(interp, name)
+        self.input_shape = self._cpu.input_shape
+        self.input_kind = INPUT_KINDS[self.input_shape]
+        self._gpu: _GpuRunner | None = None
+        self.accelerator, self.gpu, self.fallback_reason = "cpu", None, None
+        if accelerator != "cpu":
+            precision = gpu_precision or ("fp16" if self.precision == "fp16" else "fp32")
+            try:
+                self._gpu = _GpuRunner(source, precision, name, self._cpu)
+            except ModelError as exc:
+                if accelerator == "gpu":
+                    raise
+                self.fallback_reason = exc.reason
+                log.warning("GPU not used, running on the CPU: %s", exc.reason)
+            else:
+                self.accelerator, self.gpu = "gpu", self._gpu.info
+                self._cpu = None  # the CPU interpreter only served the probe: don't hold its weights twice
+        log.info("loaded %s (%s, %s)", name, self.precision, self.accelerator)
 
     @property
     def has_embedding(self) -> bool:
-        return self._emb is not None
+        return (self._gpu or self._cpu).has_embedding
 
-    def __call__(self, logmel: np.ndarray) -> np.ndarray:
-        """Probabilities [527] for one window's log-mel; InferenceError if any is not in [0, 1]."""
-        return self.run(logmel)[0]
+    def features(self, wave: np.ndarray) -> np.ndarray:
+        """The model's input for one 10 s window of 32 kHz samples: the host log-mel, or the samples
+        themselves for a waveform model."""
+        if self.input_kind == "waveform":
+            return np.asarray(wave, dtype=np.float32)
+        return features.logmel(wave)
 
-    def run(self, logmel: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities [527], embedding [2048] or None) for one window's log-mel.
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities [527] for one window's input; InferenceError if any is not in [0, 1]."""
+        return self.run(x)[0]
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities [527], embedding [2048] or None) for one window's input (``features``).
 
         InferenceError when a probability is not finite or not in [0, 1], or the embedding not finite."""
-        x = np.asarray(logmel, dtype=np.float32).reshape(INPUT_SHAPE)
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.input_shape)
+        return _checked(*(self._gpu or self._cpu).run(x))
+
+
+def _checked(probs: np.ndarray, emb: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    if not (np.isfinite(probs).all() and probs.min() >= 0.0 and probs.max() <= 1.0):
+        bad = int(np.count_nonzero(~(np.isfinite(probs) & (probs >= 0) & (probs <= 1))))
+        raise InferenceError(f"the model produced {bad} non-finite or out-of-range probabilities")
+    if emb is not None and not np.isfinite(emb).all():
+        raise InferenceError("the model produced a non-finite embedding")
+    return probs, emb
+
+
+def _output_roles(shapes: list[tuple[int, ...]], name: str) -> tuple[int, int | None]:
+    """Positions of (probabilities, embedding) among the outputs, by shape; ModelError otherwise."""
+    if len(shapes) == 1:
+        return 0, None
+    if len(shapes) == 2 and set(shapes) == {OUTPUT_SHAPE, EMBEDDING_SHAPE}:
+        return shapes.index(OUTPUT_SHAPE), shapes.index(EMBEDDING_SHAPE)
+    raise ModelError(f"outputs are {', '.join(str(list(s)) for s in shapes)}, expected float32{list(OUTPUT_SHAPE)} "
+                     f"and optionally float32{list(EMBEDDING_SHAPE)} (not a CNN14 AudioSet model)", name)
+
+
+class _CpuRunner:
+    """LiteRT's Interpreter (XNNPACK): the default runtime and the GPU probe's reference."""
+
+    def __init__(self, interp, name: str) -> None:
+        inputs, outputs = interp.get_input_details(), interp.get_output_details()
+        if len(inputs) != 1 or len(outputs) not in (1, 2):
+            raise ModelError(f"expected 1 input and 1 or 2 outputs, found {len(inputs)} and {len(outputs)}", name)
+        p, e = _output_roles([tuple(int(d) for d in o["shape"]) for o in outputs], name)
+        self.input_shape = tuple(int(d) for d in inputs[0]["shape"])
+        if self.input_shape not in INPUT_KINDS:
+            self.input_shape = INPUT_SHAPE  # reported below as a mismatch with the log-mel layout
+        for kind, det, shape in (("input", inputs[0], self.input_shape), ("output", outputs[p], OUTPUT_SHAPE)) + (
+                (("embedding", outputs[e], EMBEDDING_SHAPE),) if e is not None else ()):
+            got = [int(d) for d in det["shape"]]
+            if tuple(got) != shape or det["dtype"] != np.float32:
+                raise ModelError(f"{kind} is {np.dtype(det['dtype']).name}{got}, expected float32{list(shape)} "
+                                 "(not a CNN14 AudioSet model)", name)
+        self._interp = interp
+        self._in, self._out = inputs[0]["index"], outputs[p]["index"]
+        self._emb = None if e is None else outputs[e]["index"]
+        self.has_embedding = e is not None
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         self._interp.set_tensor(self._in, x)
         self._interp.invoke()
         probs = self._interp.get_tensor(self._out)[0].copy()
-        if not (np.isfinite(probs).all() and probs.min() >= 0.0 and probs.max() <= 1.0):
-            bad = int(np.count_nonzero(~(np.isfinite(probs) & (probs >= 0) & (probs <= 1))))
-            raise InferenceError(f"the model produced {bad} non-finite or out-of-range probabilities")
-        if self._emb is None:
-            return probs, None
-        emb = self._interp.get_tensor(self._emb)[0].copy()
-        if not np.isfinite(emb).all():
-            raise InferenceError("the model produced a non-finite embedding")
-        return probs, emb
+        return probs, None if self._emb is None else self._interp.get_tensor(self._emb)[0].copy()
+
+
+class _GpuRunner:
+    """LiteRT's CompiledModel on the GPU accelerator, proven by the probe before it is used."""
+
+    def __init__(self, source: dict, precision: str, name: str, cpu: _CpuRunner) -> None:
+        missing = gpu_missing()
+        if missing:
+            raise ModelError(f"no GPU accelerator: {missing}", name)
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.options import GpuOptions, HardwareAccelerator, Options
+
+        options = Options(hardware_accelerators=HardwareAccelerator.GPU,
+                          gpu_options=GpuOptions(enforce_f32=precision == "fp32"))
+        self._data = source.get("model_content")  # kept alive for the compiled model's lifetime
+        with _native_log() as logged:
+            try:
+                if self._data is not None:
+                    self._model = CompiledModel.from_buffer(self._data, options=options)
+                else:
+                    self._model = CompiledModel.from_file(source["model_path"], options=options)
+            except RuntimeError:
+                self._model = None
+        dawn = _dawn_facts(logged.text)
+        if self._model is None:
+            raise ModelError(f"the GPU accelerator failed to load it: {dawn.get('error') or 'no details logged'}", name)
+        signature = self._model.get_signature_list()
+        key = next(iter(signature))
+        details = self._model.get_output_tensor_details(key)
+        shapes = [tuple(int(d) for d in details[o]["shape"]) for o in signature[key]["outputs"]]
+        self._p, self._e = _output_roles(shapes, name)
+        self.has_embedding = self._e is not None
+        self._sizes = [int(np.prod(s)) for s in shapes]
+        self._inputs = self._model.create_input_buffers(0)
+        self._outputs = self._model.create_output_buffers(0)
+        fully = bool(self._model.is_fully_accelerated())
+        self.info = GpuInfo(precision, dawn.get("backend", "WebGPU"), dawn.get("adapter", "unknown"),
+                            dawn.get("adapter_type", "unknown"), fully)
+        if not fully:
+            raise ModelError("the GPU accelerator does not run the whole model (some ops fell back to the CPU)", name)
+        with _native_log() as logged:
+            try:
+                self.info.probe = self._probe(cpu, precision, name)
+            except ModelError as exc:
+                error = exc
+            else:
+                error = None
+        if error is not None:
+            said = _dawn_facts(logged.text).get("error")
+            raise ModelError(error.reason + (f"; the GPU said: {said}" if said else ""), name) from None
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        self._inputs[0].write(x.ravel())
+        self._model.run_by_index(0, self._inputs, self._outputs)
+        out = [buf.read(n, np.float32) for buf, n in zip(self._outputs, self._sizes)]
+        return out[self._p].copy(), None if self._e is None else out[self._e].copy()
+
+    def _probe(self, cpu: _CpuRunner, precision: str, name: str) -> dict:
+        """The speech clip on the GPU vs the CPU: refuse zeros, non-finite or far-off outputs."""
+        x = probe_input(INPUT_KINDS[cpu.input_shape])
+        want, _ = cpu.run(x)
+        got, emb = self.run(x)
+        where = f"the GPU ({self.info.adapter}, {precision}) "
+        if not np.isfinite(got).all() or (emb is not None and not np.isfinite(emb).all()):
+            raise ModelError(where + "returned non-finite outputs on the probe", name)
+        if not np.any(got):
+            raise ModelError(where + "returned all zeros on the probe (a buffer over the device's limits?)", name)
+        if got.min() < 0 or got.max() > 1:
+            raise ModelError(where + "returned probabilities outside [0, 1] on the probe", name)
+        corr = float(np.corrcoef(want.astype(np.float64), got.astype(np.float64))[0, 1])
+        diff = float(np.max(np.abs(want.astype(np.float64) - got)))
+        gate = PROBE_GATES[precision]
+        result = {"input": "speech_espeak.flac", "corr": corr, "max_abs_diff": diff,
+                  "top1_cpu": int(np.argmax(want)), "top1_gpu": int(np.argmax(got)), "gate": gate}
+        if not (corr >= gate["min_corr"] and diff <= gate["max_abs_diff"]):
+            raise ModelError(where + f"differs from the CPU on the probe: corr {corr:.6f} (gate {gate['min_corr']}), "
+                             f"max|dp| {diff:.2e} (gate {gate['max_abs_diff']:.0e})", name)
+        return result
+
+
+def probe_input(kind: str = "logmel") -> np.ndarray:
+    """The shipped speech clip's first 10 s as a model's input: log-mel [1, 1, 1001, 64] or, for a
+    waveform model, the samples [1, 320000]."""
+    from importlib import resources
+
+    from .audio import load_audio
+
+    wave, _, _ = load_audio(str(resources.files("soundtag.assets").joinpath("speech_espeak.flac")))
+    wave = np.pad(wave[:CLIP_SAMPLES], (0, max(0, CLIP_SAMPLES - wave.size))).astype(np.float32)
+    if kind == "waveform":
+        return wave.reshape(WAVEFORM_SHAPE)
+    return np.ascontiguousarray(features.logmel(wave), np.float32).reshape(INPUT_SHAPE)
+
+
+def gpu_missing() -> str | None:
+    """What stops LiteRT's GPU accelerator here, in words; None when its parts are all present."""
+    import ai_edge_litert
+
+    if not (Path(ai_edge_litert.__file__).parent / WEBGPU_LIBRARY).is_file():
+        return f"LiteRT's WebGPU accelerator library ({WEBGPU_LIBRARY}) is missing (pip install 'ai-edge-litert>=2.3')"
+    try:
+        ctypes.CDLL("libvulkan.so.1")
+    except OSError:
+        return "the Vulkan loader libvulkan.so.1 is missing (Debian/Ubuntu: apt-get install libvulkan1)"
+    named = os.environ.get("VK_DRIVER_FILES") or os.environ.get("VK_ICD_FILENAMES")
+    icds = [p for p in named.split(os.pathsep) if os.path.isfile(p)] if named else \
+        [p for d in VULKAN_ICD_DIRS for p in glob.glob(os.path.join(d, "*.json"))]
+    if not icds:
+        where = f"VK_DRIVER_FILES/VK_ICD_FILENAMES={named}" if named else ", ".join(VULKAN_ICD_DIRS)
+        return (f"no Vulkan driver (ICD) found in {where} (install your GPU's Vulkan driver; without a GPU, Mesa's "
+                "lavapipe >= 25: apt-get install -t bookworm-backports mesa-vulkan-drivers)")
+    return None
+
+
+class _native_log(contextlib.AbstractContextManager):
+    """Captures what LiteRT, Dawn and the Vulkan loader write to file descriptor 2 while loading
+    (a few dozen lines per model), logs it at DEBUG and keeps it in ``.text`` for the facts it holds."""
+
+    def __enter__(self):
+        self.text = ""
+        self._file = tempfile.TemporaryFile()
+        try:
+            import sys
+
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        except OSError:  # no fd 2 to redirect: let it be
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+        for line in self.text.splitlines():
+            log.debug("litert: %s", line)
+        return False
+
+
+def _dawn_facts(text: str) -> dict:
+    """Adapter, backend and the first error from the GPU accelerator's log."""
+    facts = {}
+    m = re.search(r"Selected adapter: (.*?), arch=.*?backend=(\w+), adapterType=([^\n]*)", text)
+    if m:
+        facts.update(adapter=m.group(1).strip(), backend=f"WebGPU/{m.group(2)}", adapter_type=m.group(3).strip())
+    m = re.search(r"(Failed to initialize WebGPU environment: [^\n]*|No adapters found[^\n]*|"
+                  r"Validation error: [^\n]*)", text)
+    if m:
+        facts["error"] = m.group(1).strip()
+    return facts
 
 
 def _precision(tensors: list[dict]) -> str:

@@ -71,7 +71,9 @@ class ModelPool:
             return
         first = models[0]
         self.info = {"model": str(first.path), "sha256": file_digest(first.path, "sha256"), "precision": first.precision,
-                     "embedding": first.has_embedding, "accelerator": "cpu", "workers": self.workers}
+                     "embedding": first.has_embedding, "accelerator": first.accelerator, "workers": self.workers}
+        if first.gpu is not None:
+            self.info["gpu"] = {"precision": first.gpu.precision, "backend": first.gpu.backend, "adapter": first.gpu.adapter}
         for m in models:
             self._free.put(m)
         self.lent = PooledModel(self, first)
@@ -90,6 +92,7 @@ class PooledModel:
     def __init__(self, pool: ModelPool, example) -> None:
         self._pool = pool
         self.path, self.precision, self.has_embedding = example.path, example.precision, example.has_embedding
+        self.input_kind, self.features = example.input_kind, example.features
 
     def run(self, logmel):
         model = self._pool.borrow()

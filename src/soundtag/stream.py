@@ -136,7 +136,7 @@ class TagStream:
         scorer = self.tagger.scorer
         out: list = []
         for start, n, wave in windows:
-            lm = features.logmel(wave)
+            lm = self.tagger.model.features(wave)
             if not np.isfinite(lm).all():
                 raise AudioError(f"non-finite log-mel in the window at {start / sr:.2f} s")
             probs = self.tagger.model(lm)

@@ -20,11 +20,11 @@ from . import features
 from .audio import DEFAULT_MAX_DURATION_S, AudioStream
 from .errors import AudioError, ModelError, OptionsError
 from .labels import NUM_CLASSES
-from .model import Cnn14Model
+from .model import ACCELERATORS, GPU_PRECISIONS, Cnn14Model
 from .paths import resolve_model_path
 from .results import TagResult, WindowResult
 from .scoring import Scorer
-from .windows import WINDOW_S, iter_windows, logmel_windows, prefetch
+from .windows import WINDOW_S, iter_windows, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class TaggerOptions:
     prefetch: bool = True  # decode + log-mel the next window in a thread while the model runs
     max_duration_s: float = DEFAULT_MAX_DURATION_S  # longer inputs are refused (s)
     embeddings: bool = False  # also the 2048-d embedding per window and per clip (fp32/int8 models)
+    accelerator: str = "cpu"  # "cpu", "gpu" (LiteRT's GPU accelerator, proven by a probe) or "auto"
+    gpu_precision: str | None = None  # GPU arithmetic "fp16" or "fp32"; None: the model's own
 
     def __post_init__(self) -> None:
         try:
@@ -62,6 +64,10 @@ class TaggerOptions:
         if not (isinstance(self.max_duration_s, (int, float)) and math.isfinite(self.max_duration_s)
                 and self.max_duration_s > 0):
             raise OptionsError(f"max_duration_s must be a finite number of seconds > 0, got {self.max_duration_s!r}")
+        if self.accelerator not in ACCELERATORS:
+            raise OptionsError(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
+        if self.gpu_precision not in (None, *GPU_PRECISIONS):
+            raise OptionsError(f"gpu_precision must be one of {', '.join(GPU_PRECISIONS)}, got {self.gpu_precision!r}")
         self.scorer()  # top_k, thresholds, aggregate, class names
 
     def scorer(self) -> Scorer:
@@ -83,7 +89,8 @@ def load_model(options: TaggerOptions) -> Cnn14Model:
     """The model the options name; a cached model that fails to load says how to rebuild it."""
     path, cached = resolve_model_path(options.model_path)
     try:
-        return Cnn14Model(path, num_threads=options.threads)
+        return Cnn14Model(path, num_threads=options.threads, accelerator=options.accelerator,
+                          gpu_precision=options.gpu_precision)
     except ModelError as exc:
         if cached:
             raise ModelError(f"{exc.reason}; run 'soundtag fetch' again to rebuild the cached model", exc.path) from None
@@ -115,11 +122,17 @@ class Tagger:
         return TagStream(self, sample_rate, channels)
 
     # --- inference -------------------------------------------------------------------------
+    def _inputs(self, windows: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(start, real_samples, waveform) -> (start, real_samples, model input): the host log-mel, or
+        the samples for a waveform model (its log-mel is in the graph)."""
+        for start, n, wave in windows:
+            yield start, n, self.model.features(wave)
+
     def _run(self, feats: Iterable[tuple[int, int, np.ndarray]]) -> _Windows:
         starts, valid, probs, embs = [], [], [], []
         for start, n, lm in feats:
             if not np.isfinite(lm).all():
-                raise AudioError(f"non-finite log-mel in the window at {start / features.SAMPLE_RATE:.2f} s")
+                raise AudioError(f"non-finite model input in the window at {start / features.SAMPLE_RATE:.2f} s")
             p, e = self.model.run(lm)
             starts.append(start)
             valid.append(n)
@@ -142,7 +155,7 @@ class Tagger:
         duration = x.size / sample_rate
         if sample_rate != features.SAMPLE_RATE:
             x = soxr.resample(x, sample_rate, features.SAMPLE_RATE, quality="HQ")
-        feats = logmel_windows(iter_windows([x], self.hop))
+        feats = self._inputs(iter_windows([x], self.hop))
         return self._result(path, duration, self._run(prefetch(feats) if self.options.prefetch else feats))
 
     def tag_file(self, source, name: str | None = None) -> TagResult:
@@ -175,7 +188,7 @@ class Tagger:
             for path, source in sources:
                 try:
                     stream = AudioStream(source, max_duration_s=max_s, name=path)
-                    for item in logmel_windows(iter_windows(stream, self.hop)):
+                    for item in self._inputs(iter_windows(stream, self.hop)):
                         yield path, item
                     yield path, _FileEnd(stream.duration_s)
                 except Exception as exc:  # reported for this file; the batch goes on

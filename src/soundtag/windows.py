@@ -92,12 +92,6 @@ def iter_windows(blocks: Iterable[np.ndarray], hop: int, window: int = WINDOW_SA
     yield from cutter.finish()
 
 
-def logmel_windows(windows: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(start, real_samples, waveform) windows -> (start, real_samples, log-mel [1001, 64])."""
-    for start, n, wave in windows:
-        yield start, n, features.logmel(wave)
-
-
 class _Raised:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc

@@ -24,6 +24,21 @@ GATES = {
     "int8": {"min_corr": 0.99, "max_abs_diff": None, "embedding_min_corr": 0.99},  # a CPU speed variant
 }
 
+# GPU parity gates (issue #8): the model on LiteRT's GPU accelerator vs the same model on the CPU, per
+# GPU arithmetic mode. fp32 models favour CPU speed (LAYOUTS in export.py); in fp16 mode they reach
+# ~0.9998 on the synthetic CNN14, the fp16 model (the GPU model) 0.9999.
+GPU_GATES = {
+    "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9998, "max_abs_diff": None}},
+    "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9999, "max_abs_diff": None}},
+}
+# The waveform models (issue #9): the GPU's fp16 arithmetic also computes the log-mel (fp16 DFT sums
+# bound its accuracy ~60-70 dB under a frame's peak, see convert/frontend.py), hence 0.999.
+WAVEFORM_GPU_GATES = {
+    "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.999, "max_abs_diff": None}},
+    "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.999, "max_abs_diff": None}},
+}
+MAX_TENSOR_BYTES = 128 * 1024 * 1024  # WebGPU's default maxStorageBufferBindingSize, counted as fp32
+
 OUTPUT_CLASSES = 527  # probabilities per input
 EMBEDDING_DIM = 2048  # fc1 + ReLU
 MAX_RANK = 4  # the GPU delegate handles tensors up to BHWC
@@ -65,6 +80,8 @@ class GraphReport:
     gpu_unsupported: list
     gpu_ok: bool
     passed: bool
+    largest_tensor_bytes: int = 0  # as fp32 (the GPU's fp32 mode); must stay <= MAX_TENSOR_BYTES
+    largest_tensor: str = ""
     gpu_op_source: str = GPU_DELEGATE_SOURCE
 
 
@@ -110,11 +127,15 @@ def inspect_graph(model_bytes: bytes) -> GraphReport:
         codes.append(name)
     ops: collections.Counter = collections.Counter()
     unsupported: set = set()
-    max_rank = 0
+    max_rank, largest, largest_name = 0, 0, ""
     for s in range(model.SubgraphsLength()):
         sg = model.Subgraphs(s)
         for t in range(sg.TensorsLength()):
-            max_rank = max(max_rank, sg.Tensors(t).ShapeLength())
+            tensor = sg.Tensors(t)
+            max_rank = max(max_rank, tensor.ShapeLength())
+            size = 4 * int(np.prod([tensor.Shape(i) for i in range(tensor.ShapeLength())], dtype=np.int64))
+            if size > largest:
+                largest, largest_name = size, f"{tensor.Name().decode(errors='replace')} {list(tensor.ShapeAsNumpy())}"
         for o in range(sg.OperatorsLength()):
             op = sg.Operators(o)
             name = codes[op.OpcodeIndex()]
@@ -133,7 +154,9 @@ def inspect_graph(model_bytes: bytes) -> GraphReport:
         ops=dict(sorted(ops.items())),
         gpu_unsupported=sorted(unsupported),
         gpu_ok=gpu_ok,
-        passed=subgraphs == 1 and max_rank <= MAX_RANK,
+        passed=subgraphs == 1 and max_rank <= MAX_RANK and largest <= MAX_TENSOR_BYTES,
+        largest_tensor_bytes=largest,
+        largest_tensor=largest_name,
     )
 
 
@@ -157,3 +180,39 @@ def run_tflite(model_bytes: bytes, inputs: dict, num_threads: int = 2) -> ModelO
         if model.has_embedding:
             embs[name] = np.full(EMBEDDING_DIM, np.nan) if e is None else e.astype(np.float64)
     return ModelOutputs(probs, embs if model.has_embedding else None)
+
+
+def gpu_parity(gates: dict, model_bytes: bytes, inputs: dict, cpu: ModelOutputs) -> dict:
+    """The model on LiteRT's GPU accelerator in each mode of ``gates`` (fp16, fp32: e.g. GPU_GATES["fp16"])
+    vs its CPU run.
+
+    {"available": False, "reason": ...} where this machine has no GPU accelerator (the gate is then
+    not applied); else adapter, backend, fully accelerated, per-mode parity and "passed"."""
+    from ..errors import ModelError
+    from ..model import gpu_missing
+
+    missing = gpu_missing()
+    if missing:
+        return {"available": False, "reason": missing, "passed": True}
+    report: dict = {"available": True, "modes": {}}
+    for mode, gate in gates.items():
+        try:
+            model = Cnn14Model.from_bytes(model_bytes, name="<converted model>", accelerator="gpu",
+                                          gpu_precision=mode)
+        except ModelError as exc:  # not fully accelerated, failed to load, or failed its probe
+            report["modes"][mode] = {"passed": False, "error": exc.reason}
+            continue
+        report.update(backend=model.gpu.backend, adapter=model.gpu.adapter, adapter_type=model.gpu.adapter_type,
+                      fully_accelerated=model.gpu.fully_accelerated)
+        got = {}
+        for name, x in inputs.items():
+            try:
+                got[name] = model.run(x)[0].astype(np.float64)
+            except InferenceError:
+                got[name] = np.full(OUTPUT_CLASSES, np.nan)
+        del model
+        parity = compare(mode, cpu.probs, got, gate)
+        report["modes"][mode] = {"passed": parity.passed, "min_corr": parity.min_corr,
+                                 "max_abs_diff": parity.max_abs_diff, "gate": gate, "per_input": parity.per_input}
+    report["passed"] = all(m["passed"] for m in report["modes"].values())
+    return report

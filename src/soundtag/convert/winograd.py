@@ -23,14 +23,21 @@ _G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dty
 
 
 class WinogradConv3x3:
-    """relu(conv2d(x, w, b, padding=1)) for a fixed input size [1, Cin, H, W]."""
+    """relu(conv2d(x, w, b, padding=1)) for a fixed input size [1, Cin, H, W].
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, height: int, width: int, const) -> None:
+    ``group`` input channels at most per GEMM: the 16 GEMMs are split along their reduction axis
+    (Cin) into parts whose outputs are added, so no GPU accumulation runs over more than ``group``
+    terms and no weight operand exceeds 16 x group x Cout floats (see export.GPU_GROUP_CHANNELS)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, height: int, width: int, const,
+                 group: int | None = None) -> None:
         cout, cin = weight.shape[:2]
         self.cin, self.cout, self.h, self.w = cin, cout, height, width
         self.th, self.tw = (height + 1) // 2, (width + 1) // 2  # output tiles of 2x2
-        u = torch.einsum("ia,koab,jb->ijok", _G, weight.double(), _G)  # [4, 4, Cin, Cout]
-        self.u = const(u.reshape(16, cin, cout))  # right-hand operand: int8 kernels want constant RHS
+        u = torch.einsum("ia,koab,jb->ijok", _G, weight.double(), _G).reshape(16, cin, cout)  # [16, Cin, Cout]
+        self.group = min(group or cin, cin)
+        # right-hand operands (int8 kernels want a constant RHS), one per group of input channels
+        self.u = [const(u[:, k : k + self.group]) for k in range(0, cin, self.group)]
         tile = torch.einsum("ia,jb->ijab", _BT, _BT).reshape(16, 1, 4, 4)
         self.input_kernel = const(tile.repeat(cin, 1, 1, 1))  # depthwise, 16 outputs per channel
         self.bias = const(bias.reshape(1, cout, 1, 1))
@@ -40,7 +47,11 @@ class WinogradConv3x3:
         x = F.pad(x, (1, 2 * tw + 1 - w, 1, 2 * th + 1 - h))
         v = F.conv2d(x, self.input_kernel, stride=2, groups=self.cin)  # [1, 16*Cin, th, tw]
         v = v.reshape(self.cin, 16, th * tw).permute(1, 2, 0)  # [16, tiles, Cin]
-        m = torch.bmm(v, self.u).reshape(4, 4, th * tw, cout)  # [4, 4, tiles, Cout]
+        m = None
+        for k, u in enumerate(self.u):  # [16, tiles, Cout], summed over the groups of input channels
+            part = torch.bmm(v if len(self.u) == 1 else v[:, :, k * self.group : (k + 1) * self.group], u)
+            m = part if m is None else m + part
+        m = m.reshape(4, 4, th * tw, cout)  # [4, 4, tiles, Cout]
         # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] applied on both tile axes
         r0, r1 = m[0] + m[1] + m[2], m[1] - m[2] - m[3]
         y = torch.cat([r0[0] + r0[1] + r0[2], r0[1] - r0[2] - r0[3], r1[0] + r1[1] + r1[2], r1[1] - r1[2] - r1[3]])

@@ -1,0 +1,79 @@
+"""`soundtag selftest`: load a model on the CPU or the GPU, run the probe, report what ran where.
+
+The probe is the shipped speech clip (model.probe_input). On the GPU, loading already compares the
+GPU's probabilities with the CPU's (model.PROBE_GATES); this adds the top tag and the time per window.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import SoundtagError
+from .labels import labels
+from .model import Cnn14Model, probe_input
+from .paths import resolve_model_path
+
+
+def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precision: str | None = None,
+             runs: int = 3, num_threads: int | None = None) -> dict:
+    """A JSON-able report; ``passed`` is False (with ``error``) when the model cannot run as asked."""
+    report: dict = {"model": model_path, "accelerator_requested": accelerator, "passed": False}
+    try:
+        path, _ = resolve_model_path(model_path)
+        report["model"] = str(path)
+        model = Cnn14Model(path, num_threads=num_threads, accelerator=accelerator, gpu_precision=gpu_precision)
+    except SoundtagError as exc:
+        report["error"] = str(exc)
+        return report
+    report.update(accelerator=model.accelerator, precision=model.precision, input=model.input_kind)
+    if model.fallback_reason:
+        report["fallback_reason"] = model.fallback_reason
+    if model.gpu is not None:
+        g = model.gpu
+        report.update(gpu_precision=g.precision, backend=g.backend, adapter=g.adapter, adapter_type=g.adapter_type,
+                      fully_accelerated=g.fully_accelerated,
+                      parity_vs_cpu={k: g.probe[k] for k in ("corr", "max_abs_diff", "gate")})
+    else:
+        report.update(backend="XNNPACK (CPU)", fully_accelerated=None, parity_vs_cpu=None)
+    x = probe_input(model.input_kind)
+    try:
+        probs, _ = model.run(x)  # warm-up (the GPU's first run also compiles its shaders)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            probs, _ = model.run(x)
+            times.append(time.perf_counter() - t)
+    except SoundtagError as exc:
+        report["error"] = str(exc)
+        return report
+    top = int(np.argmax(probs))
+    report.update(probe="speech_espeak.flac (first 10 s)", top_tag={"name": labels()[top].name, "score": float(probs[top])},
+                  ms_per_window=round(1000 * float(np.median(times)), 1), runs=runs, passed=True)
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The report as aligned 'key  value' lines."""
+    rows = [("model", report.get("model")), ("accelerator", report.get("accelerator", "-")),
+            ("model precision", report.get("precision", "-"))]
+    if report.get("fallback_reason"):
+        rows.append(("GPU not used", report["fallback_reason"]))
+    if report.get("accelerator") == "gpu":
+        par = report["parity_vs_cpu"]
+        rows += [("GPU precision", report["gpu_precision"]), ("backend", report["backend"]),
+                 ("adapter", f"{report['adapter']} ({report['adapter_type']})"),
+                 ("fully accelerated", "yes" if report["fully_accelerated"] else "no"),
+                 ("parity vs CPU", f"corr {par['corr']:.7f}, max|dp| {par['max_abs_diff']:.2e} "
+                                   f"(gate corr >= {par['gate']['min_corr']}, max|dp| <= {par['gate']['max_abs_diff']})")]
+    elif "backend" in report:
+        rows.append(("backend", report["backend"]))
+    if "top_tag" in report:
+        rows += [("probe top tag", f"{report['top_tag']['name']} ({report['top_tag']['score']:.3f})"),
+                 ("ms per window", f"{report['ms_per_window']} (median of {report['runs']})")]
+    if "error" in report:
+        rows.append(("error", report["error"]))
+    rows.append(("result", "PASS" if report["passed"] else "FAIL"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -34,7 +34,8 @@ def test_report_gates(models):
         if gpu_missing() is None:
             gpu = m["gpu"]
             assert gpu["passed"] and gpu["fully_accelerated"]
-            assert gpu["modes"]["fp16"]["min_corr"] >= 0.999 and gpu["modes"]["fp32"]["min_corr"] >= 0.99999
+            assert gpu["modes"]["fp32"]["min_corr"] >= 0.99999 and gpu["modes"]["fp32"]["max_abs_diff"] <= 1e-4
+            assert gpu["modes"]["fp16"]["gated"] is False  # measured only: see test_waveform_gpu_fp16_refused
 
 
 @pytest.mark.parametrize("precision, min_corr, max_diff", [("fp32", 0.99999, 1e-4), ("fp16", 0.9999, 5e-3)])
@@ -56,13 +57,13 @@ def test_same_tags_as_the_logmel_model(models, precision, min_corr, max_diff):
 def test_cli_tags_with_the_waveform_model(models, tmp_path):
     clip = write_wav(tmp_path / "scene.wav", scene(12, seed=5))
     env = {**os.environ}
-    r = subprocess.run([sys.executable, "-m", "soundtag.cli", "tag", str(clip), "--format", "json", "--model",
+    r = subprocess.run([sys.executable, "-m", "soundtag.cli", "tag", str(clip), "--format", "jsonl", "--model",
                         str(models / "cnn14_audioset_waveform_fp32.tflite")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     want = Tagger(TaggerOptions(model_path=str(models / "cnn14_audioset_fp32.tflite"))).tag_file(clip)
-    assert [c["name"] for c in rec["clip"]] == [c.name for c in want.clip]
-    np.testing.assert_allclose([c["score"] for c in rec["clip"]], [c.score for c in want.clip], atol=1e-4)
+    assert [t["label"] for t in rec["tags"]] == [c.name for c in want.clip]
+    np.testing.assert_allclose([t["score"] for t in rec["tags"]], [c.score for c in want.clip], atol=1e-4)
 
 
 def test_stream_with_the_waveform_model(models):
@@ -81,12 +82,21 @@ def test_stream_with_the_waveform_model(models):
 
 
 @needs_gpu
-def test_waveform_fp16_on_the_gpu(models):
+def test_waveform_fp16_model_on_the_gpu(models):
+    """The waveform fp16 model runs on the GPU in fp32 arithmetic by default, equal to the CPU."""
     path = models / "cnn14_audioset_waveform_fp16.tflite"
     gpu = Cnn14Model(path, accelerator="gpu")
-    assert gpu.accelerator == "gpu" and gpu.gpu.precision == "fp16" and gpu.gpu.fully_accelerated
-    assert gpu.gpu.probe["corr"] >= 0.999
+    assert gpu.accelerator == "gpu" and gpu.gpu.precision == "fp32" and gpu.gpu.fully_accelerated
     x = scene(10, seed=8)
-    want = Cnn14Model(path)(x)
-    got = gpu(x)
-    assert pearson(want, got) >= 0.999
+    want, got = Cnn14Model(path)(x), gpu(x)
+    assert pearson(want, got) >= 0.99999 and np.max(np.abs(want - got)) <= 1e-4
+
+
+@needs_gpu
+def test_waveform_gpu_fp16_refused(models):
+    """In the GPU's fp16 arithmetic the in-graph DFT cannot keep the ~100 dB a band-limited clip spans:
+    the probe sees it and refuses, instead of tagging wrongly."""
+    from soundtag.errors import ModelError
+
+    with pytest.raises(ModelError, match="differs from the CPU on the probe"):
+        Cnn14Model(models / "cnn14_audioset_waveform_fp32.tflite", accelerator="gpu", gpu_precision="fp16")

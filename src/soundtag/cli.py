@@ -170,7 +170,7 @@ def _add_accelerator_options(p: argparse.ArgumentParser) -> None:
                    help="cpu (default), gpu (LiteRT's GPU accelerator; fails if none runs the model correctly) "
                         "or auto (the GPU when it passes its probe, else the CPU)")
     p.add_argument("--gpu-precision", choices=GPU_PRECISIONS,
-                   help="GPU arithmetic (default: the model's own: fp16 for the fp16 model, else fp32)")
+                   help="GPU arithmetic (default: fp16 for the fp16 log-mel model, fp32 for the others)")
 
 
 def _tagger_options(args, num_threads: int | None = None):
@@ -368,8 +368,8 @@ def _cmd_convert(args) -> int:
               f"largest tensor {g['largest_tensor_bytes'] / 2**20:.0f} MiB as fp32")
         gpu = m.get("gpu")
         if gpu and gpu["available"]:
-            modes = ", ".join(f"{mode} mode corr {r['min_corr']:.6f}" if "min_corr" in r else f"{mode} mode: {r['error']}"
-                              for mode, r in gpu["modes"].items())
+            modes = ", ".join((f"{mode} mode corr {r['min_corr']:.6f}" if "min_corr" in r else f"{mode} mode: {r['error']}")
+                              + ("" if r.get("gated", True) else " (not gated)") for mode, r in gpu["modes"].items())
             print(f"  on the GPU ({gpu.get('backend', 'WebGPU')} {gpu.get('adapter', '')}): {modes}")
         elif gpu:
             print(f"  GPU not checked: {gpu['reason']}")

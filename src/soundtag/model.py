@@ -38,7 +38,7 @@ OUTPUT_SHAPE = (1, NUM_CLASSES)  # sigmoid probabilities
 EMBEDDING_SHAPE = (1, 2048)  # optional second output: fc1 + ReLU, upstream CNN14's `embedding`
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # XNNPACK threads; one per core up to 4
 ACCELERATORS = ("cpu", "gpu", "auto")  # "auto": the GPU when it loads and passes the probe, else the CPU
-GPU_PRECISIONS = ("fp16", "fp32")  # the GPU accelerator's arithmetic; None: the model's own (fp16 model: fp16)
+GPU_PRECISIONS = ("fp16", "fp32")  # the GPU's arithmetic; None: fp16 for the fp16 log-mel model, else fp32
 # Probe gates, GPU vs CPU on the speech clip: far looser than the converter's (which prove the layout),
 # tight enough to refuse a broken device or driver (zeros, garbage, a dropped layer).
 PROBE_GATES = {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.999, "max_abs_diff": 0.05}}
@@ -106,7 +106,9 @@ class Cnn14Model:
         self._gpu: _GpuRunner | None = None
         self.accelerator, self.gpu, self.fallback_reason = "cpu", None, None
         if accelerator != "cpu":
-            precision = gpu_precision or ("fp16" if self.precision == "fp16" else "fp32")
+            # the fp16 log-mel model runs in the GPU's fp16 mode by default; a waveform model's in-graph
+            # front end needs fp32 arithmetic (see convert/validate.py WAVEFORM_GPU_GATES)
+            precision = gpu_precision or ("fp16" if self.precision == "fp16" and self.input_kind == "logmel" else "fp32")
             try:
                 self._gpu = _GpuRunner(source, precision, name, self._cpu)
             except ModelError as exc:
@@ -303,26 +305,29 @@ def gpu_missing() -> str | None:
 
 
 class _native_log(contextlib.AbstractContextManager):
-    """Captures what LiteRT, Dawn and the Vulkan loader write to file descriptor 2 while loading
-    (a few dozen lines per model), logs it at DEBUG and keeps it in ``.text`` for the facts it holds."""
+    """Captures what LiteRT, Dawn and the Vulkan loader write to file descriptors 1 and 2 while a GPU
+    model loads and runs its probe (a few dozen lines; one of them goes to stdout, where it would mix
+    with results), logs it at DEBUG and keeps it in ``.text`` for the facts it holds."""
 
     def __enter__(self):
+        import sys
+
         self.text = ""
         self._file = tempfile.TemporaryFile()
-        try:
-            import sys
-
-            sys.stderr.flush()
-            self._saved = os.dup(2)
-            os.dup2(self._file.fileno(), 2)
-        except OSError:  # no fd 2 to redirect: let it be
-            self._saved = None
+        self._saved = []
+        for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+            try:
+                stream.flush()
+                self._saved.append((fd, os.dup(fd)))
+                os.dup2(self._file.fileno(), fd)
+            except (OSError, ValueError, AttributeError):  # no such descriptor to redirect: let it be
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._saved is not None:
-            os.dup2(self._saved, 2)
-            os.close(self._saved)
+        for fd, saved in self._saved:
+            os.dup2(saved, fd)
+            os.close(saved)
         self._file.seek(0)
         self.text = self._file.read().decode("utf-8", "replace")
         self._file.close()

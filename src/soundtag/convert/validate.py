@@ -31,11 +31,13 @@ GPU_GATES = {
     "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9998, "max_abs_diff": None}},
     "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9999, "max_abs_diff": None}},
 }
-# The waveform models (issue #9): the GPU's fp16 arithmetic also computes the log-mel (fp16 DFT sums
-# bound its accuracy ~60-70 dB under a frame's peak, see convert/frontend.py), hence 0.999.
+# The waveform models (issue #9) are gated in the GPU's fp32 mode only. In fp16 mode the in-graph DFT's
+# float16 sums have a noise floor ~66 dB under each frame's peak, so bands that are empty in the host
+# log-mel (speech resampled from 16 kHz: nothing above 8 kHz, ~-100 dB) read ~30 dB too high and the
+# probabilities move (speech: corr 0.957); the runtime probe refuses that mode. ``None``: measured, not gated.
 WAVEFORM_GPU_GATES = {
-    "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.999, "max_abs_diff": None}},
-    "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.999, "max_abs_diff": None}},
+    "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": None},
+    "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": None},
 }
 MAX_TENSOR_BYTES = 128 * 1024 * 1024  # WebGPU's default maxStorageBufferBindingSize, counted as fp32
 
@@ -200,7 +202,7 @@ def gpu_parity(gates: dict, model_bytes: bytes, inputs: dict, cpu: ModelOutputs)
             model = Cnn14Model.from_bytes(model_bytes, name="<converted model>", accelerator="gpu",
                                           gpu_precision=mode)
         except ModelError as exc:  # not fully accelerated, failed to load, or failed its probe
-            report["modes"][mode] = {"passed": False, "error": exc.reason}
+            report["modes"][mode] = {"passed": gate is None, "gated": gate is not None, "error": exc.reason}
             continue
         report.update(backend=model.gpu.backend, adapter=model.gpu.adapter, adapter_type=model.gpu.adapter_type,
                       fully_accelerated=model.gpu.fully_accelerated)
@@ -211,8 +213,8 @@ def gpu_parity(gates: dict, model_bytes: bytes, inputs: dict, cpu: ModelOutputs)
             except InferenceError:
                 got[name] = np.full(OUTPUT_CLASSES, np.nan)
         del model
-        parity = compare(mode, cpu.probs, got, gate)
-        report["modes"][mode] = {"passed": parity.passed, "min_corr": parity.min_corr,
+        parity = compare(mode, cpu.probs, got, gate or {"min_corr": 0.0, "max_abs_diff": None})
+        report["modes"][mode] = {"passed": parity.passed, "gated": gate is not None, "min_corr": parity.min_corr,
                                  "max_abs_diff": parity.max_abs_diff, "gate": gate, "per_input": parity.per_input}
     report["passed"] = all(m["passed"] for m in report["modes"].values())
     return report

@@ -10,9 +10,11 @@ end converted alone (convert/frontend.py, the same graph piece). Models from tes
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
+from pathlib import Path
 
 from bench.machine import cpu_line
 
@@ -31,7 +33,7 @@ def main() -> None:
     from soundtag.model import Cnn14Model
     from tests.fixtures import cached_models, scene
 
-    models = cached_models()
+    models = Path(os.environ["SOUNDTAG_BENCH_MODELS"]) if "SOUNDTAG_BENCH_MODELS" in os.environ else cached_models()
     with torch.inference_mode():
         edge = litert_torch.convert(LogmelFrontEnd().eval(), (torch.zeros(1, features.CLIP_SAMPLES),))
     front = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content

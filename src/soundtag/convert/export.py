@@ -64,8 +64,9 @@ WINOGRAD_BLOCKS = (4, 5, 6)  # where Winograd beats XNNPACK's direct conv here (
 LAYOUTS = {  # precision -> (Winograd blocks, input channels per direct conv group, per Winograd GEMM group)
     "fp32": (WINOGRAD_BLOCKS, None, 256),  # CPU speed first: today's speed, GPU-loadable (fp16 mode ~0.9998)
     "fp16": ((), 32, None),  # the GPU model: fp16-mode parity first (CPU: 6 % faster than unsplit, too)
-    "int8": ((), 256, None),  # a CPU variant; its weights as fp32 stay under 128 MiB per tensor
+    "int8": ((), None, None),  # a CPU variant, not run on a GPU: unsplit (groups of 256 cost it 6 % here)
 }
+NO_WINOGRAD_GROUP = 256  # `--no-winograd` fp32: direct convolutions over groups of 256 input channels
 AEQ_CHUNK_BYTES = 32 * 1024 * 1024  # ai-edge-quantizer 0.10 chunks weights above this size (#472)
 
 
@@ -390,7 +391,7 @@ def convert_checkpoint(
     # fp32 and int8 (CPU models) carry the 2048-d embedding as a second output; fp16 keeps the model
     # card's single-output signature, a drop-in for its Android code.
     blobs: dict[str, bytes] = {}
-    layouts = dict(LAYOUTS, fp32=LAYOUTS["fp32"] if winograd else ((), LAYOUTS["int8"][1], None))
+    layouts = dict(LAYOUTS, fp32=LAYOUTS["fp32"] if winograd else ((), NO_WINOGRAD_GROUP, None))
     fp32 = to_fp32_tflite(body, layouts["fp32"], embedding=True)
     direct = None
     if "int8" in precisions:

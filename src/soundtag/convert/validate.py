@@ -39,7 +39,10 @@ WAVEFORM_GPU_GATES = {
     "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": None},
     "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": None},
 }
-MAX_TENSOR_BYTES = 128 * 1024 * 1024  # WebGPU's default maxStorageBufferBindingSize, counted as fp32
+MAX_TENSOR_BYTES = 128 * 1024 * 1024  # WebGPU's default maxStorageBufferBindingSize
+# Bytes per element as the GPU holds a tensor: float tensors as fp32 (its fp32 mode expands fp16
+# weights), integer ones at their own size (int8 weights stay int8).
+_GPU_BYTES = {"INT8": 1, "UINT8": 1, "INT16": 2, "FLOAT16": 4}
 
 OUTPUT_CLASSES = 527  # probabilities per input
 EMBEDDING_DIM = 2048  # fc1 + ReLU
@@ -82,7 +85,7 @@ class GraphReport:
     gpu_unsupported: list
     gpu_ok: bool
     passed: bool
-    largest_tensor_bytes: int = 0  # as fp32 (the GPU's fp32 mode); must stay <= MAX_TENSOR_BYTES
+    largest_tensor_bytes: int = 0  # floats counted as fp32 (the GPU's fp32 mode); must stay <= MAX_TENSOR_BYTES
     largest_tensor: str = ""
     gpu_op_source: str = GPU_DELEGATE_SOURCE
 
@@ -118,6 +121,7 @@ def inspect_graph(model_bytes: bytes) -> GraphReport:
     from ai_edge_litert import schema_py_generated as schema
 
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
     model = schema.Model.GetRootAs(model_bytes, 0)
     codes = []
     for i in range(model.OperatorCodesLength()):
@@ -135,7 +139,8 @@ def inspect_graph(model_bytes: bytes) -> GraphReport:
         for t in range(sg.TensorsLength()):
             tensor = sg.Tensors(t)
             max_rank = max(max_rank, tensor.ShapeLength())
-            size = 4 * int(np.prod([tensor.Shape(i) for i in range(tensor.ShapeLength())], dtype=np.int64))
+            per = _GPU_BYTES.get(type_names.get(tensor.Type(), ""), 4)
+            size = per * int(np.prod([tensor.Shape(i) for i in range(tensor.ShapeLength())], dtype=np.int64))
             if size > largest:
                 largest, largest_name = size, f"{tensor.Name().decode(errors='replace')} {list(tensor.ShapeAsNumpy())}"
         for o in range(sg.OperatorsLength()):

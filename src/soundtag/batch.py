@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -131,6 +132,11 @@ def tag_paths(paths: list[str], tagger: Tagger, jobs: int = 1) -> Iterator[tuple
 def _worker_main(options: TaggerOptions, conn) -> None:
     """A worker process: load the model once, then tag the paths sent until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    # Results travel through ``conn``; stdout is the parent's results stream (a pipe the workers share).
+    # Whatever a worker or a native library in it prints goes to stderr, never into a record the parent
+    # is writing (a CI run once saw a jsonl record split by a foreign write while a worker was replaced).
+    sys.stdout.flush()
+    os.dup2(2, 1)
     tagger = Tagger(options)
     conn.send(("ready", None, None))
     while (path := conn.recv()) is not None:

@@ -138,7 +138,7 @@ class TagStream:
         for start, n, wave in windows:
             lm = self.tagger.model.features(wave)
             if not np.isfinite(lm).all():
-                raise AudioError(f"non-finite log-mel in the window at {start / sr:.2f} s")
+                raise AudioError(f"non-finite model input in the window at {start / sr:.2f} s")
             probs = self.tagger.model(lm)
             self._windows += 1
             if self._clip is None:

@@ -49,7 +49,7 @@ class TaggerOptions:
     max_duration_s: float = DEFAULT_MAX_DURATION_S  # longer inputs are refused (s)
     embeddings: bool = False  # also the 2048-d embedding per window and per clip (fp32/int8 models)
     accelerator: str = "cpu"  # "cpu", "gpu" (LiteRT's GPU accelerator, proven by a probe) or "auto"
-    gpu_precision: str | None = None  # GPU arithmetic "fp16" or "fp32"; None: the model's own
+    gpu_precision: str | None = None  # GPU arithmetic "fp16" or "fp32"; None: fp16 for the fp16 log-mel model, else fp32
 
     def __post_init__(self) -> None:
         try:

@@ -466,7 +466,11 @@ def test_dead_worker_costs_only_its_file(int8_model, tmp_path):
     workers = [c for c in psutil.Process(p.pid).children() if "spawn_main" in " ".join(c.cmdline())]
     assert workers, "no worker processes found"
     workers[0].kill()
-    rest, err = p.communicate(timeout=300)
+    # read on through the same buffered pipe: communicate() reads the raw descriptor and would drop what
+    # readline() has already buffered past the first line (the records then start mid-line)
+    rest = p.stdout.read()
+    err = p.stderr.read()
+    p.wait(timeout=300)
     recs = jsonl(first + rest)
     assert sorted(r["path"] for r in recs) == sorted(map(str, files))
     died = [r for r in recs if "error" in r]

@@ -133,8 +133,8 @@ def _worker_main(options: TaggerOptions, conn) -> None:
     """A worker process: load the model once, then tag the paths sent until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     # Results travel through ``conn``; stdout is the parent's results stream (a pipe the workers share).
-    # Whatever a worker or a native library in it prints goes to stderr, never into a record the parent
-    # is writing (a CI run once saw a jsonl record split by a foreign write while a worker was replaced).
+    # Whatever a worker or a native library in it prints (LiteRT writes to stdout when a GPU model
+    # loads) goes to stderr, never into a record the parent is writing.
     sys.stdout.flush()
     os.dup2(2, 1)
     tagger = Tagger(options)

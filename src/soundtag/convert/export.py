@@ -237,7 +237,7 @@ def validation_waveforms(seed: int = 0) -> dict[str, np.ndarray]:
     plus full-scale clipping (noise at 4x full scale clipped to +-1) and near-silence (noise at 1e-5)."""
     rng = np.random.default_rng(seed + 1)
     n = features.CLIP_SAMPLES
-    waves = {k: v for k, v in _validation_waves(seed).items()}
+    waves = _validation_waves(seed)  # a fresh dict
     waves["clipping"] = np.clip(4.0 * rng.standard_normal(n), -1.0, 1.0)
     waves["near_silence"] = 1e-5 * rng.standard_normal(n)
     return {k: np.ascontiguousarray(v, np.float32).reshape(1, n) for k, v in waves.items()}

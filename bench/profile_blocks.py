@@ -1,11 +1,12 @@
-"""Where the CNN14 body's time goes in the LiteRT runtime: each conv block converted on its own and
-timed by the XNNPACK CPU path, with its multiply-adds and achieved GFLOP/s.
+"""Where the CNN14 body's time goes in the LiteRT runtime, and which convolution form each block
+should take: every conv block converted on its own in each form (direct, Winograd F(2x2,3x3),
+Winograd F(4x4,3x3); same folded constants as the real conversion) and timed on the XNNPACK CPU path,
+all pieces interleaved round by round, medians.
 
-    python -m bench.profile_blocks [--threads 2] [--runs 7]
+    python -m bench.profile_blocks [--threads 2] [--runs 15]
 
-The Python LiteRT interpreter exposes no per-op profiler, so the body is cut at block boundaries
-(same folded constants as the real conversion) and each piece is timed separately; the sum is checked
-against the whole model's time.
+The Python LiteRT interpreter exposes no per-op profiler, so the body is cut at block boundaries.
+export.WINOGRAD_BLOCKS is chosen from this table (on both machine kinds where we have them).
 """
 
 from __future__ import annotations
@@ -42,67 +43,84 @@ class Piece(nn.Module):
         return torch.sigmoid(F.linear(F.relu(F.linear(x, *e.fc1)), *e.fc2))
 
 
-def time_tflite(data: bytes, x: np.ndarray, threads: int, runs: int) -> float:
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=data, num_threads=threads)
-    it.allocate_tensors()
-    idx = it.get_input_details()[0]["index"]
-    it.set_tensor(idx, x)
-    it.invoke()
-    ts = []
-    for _ in range(runs):
-        it.set_tensor(idx, x)
-        t = time.perf_counter()
-        it.invoke()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+FORMS = {"direct": None, "F(2x2)": 2, "F(4x4)": 4}  # how a block's two convolutions are computed
 
 
 def main() -> None:
     import litert_torch
 
+    from bench.machine import cpu_line
     from soundtag.convert.cnn14 import load_body
-    from soundtag.convert.export import WINOGRAD_BLOCKS, _ExportBody
-    from tests.fixtures import cached_checkpoint, cached_models
+    from soundtag.convert.export import LAYOUTS, WINOGRAD_BLOCKS, _ExportBody
+    from tests.fixtures import cached_checkpoint
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--winograd", action="store_true", help="blocks 4-6 as Winograd, as the fp32 model ships")
+    ap.add_argument("--runs", type=int, default=15)
     args = ap.parse_args()
     body = load_body(cached_checkpoint(CACHE))
-    export = _ExportBody(body, WINOGRAD_BLOCKS if args.winograd else ()).eval()
+    group = LAYOUTS["fp32"][2]
     conv_shapes = [c.weight.shape for b in body.blocks() for c in (b.conv1, b.conv2)]
     x = torch.from_numpy(np.random.default_rng(0).normal(-40, 20, (1, 1, 1001, 64)).astype(np.float32))
-    rows, total = [], 0.0
-    for stage in range(8):
-        piece = Piece(export, stage).eval()
-        with torch.inference_mode():
-            y = piece(x)
-            edge = litert_torch.convert(piece, (x,))
-        data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
-        t = time_tflite(bytes(data), x.numpy(), args.threads, args.runs)
+    models, rows = [], []
+    for stage in range(8):  # bn0, blocks 1-6, head; each block in every form, interleaved below
+        forms = FORMS if 1 <= stage <= 6 else {"direct": None}
+        y = None
+        for form, m in forms.items():
+            export = _ExportBody(body, {stage: m} if m else {}, False, None, group if m else None).eval()
+            piece = Piece(export, stage).eval()
+            with torch.inference_mode():
+                y = piece(x) if y is None else y
+                edge = litert_torch.convert(piece, (x,))
+            data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
+            models.append((stage, form, bytes(data), x.numpy(), len(bytes(data))))
         macs = 0
         if 1 <= stage <= 6:
             h, w = x.shape[2], x.shape[3]
             for shape in conv_shapes[2 * stage - 2 : 2 * stage]:
                 macs += h * w * shape[0] * shape[1] * 9  # direct-convolution multiply-adds
-        elif stage == 7:
-            macs = sum(fc[0].numel() for fc in (export.fc1, export.fc2))
         name = {0: "bn0", 7: "head (pool, fc1, fc)"}.get(stage, f"block{stage} {tuple(x.shape[1:])}")
-        rows.append((name, t, macs))
-        total += t
+        rows.append((stage, name, macs))
         x = y
-    whole_file = "cnn14_audioset_fp32.tflite" if args.winograd else "cnn14_audioset_fp16.tflite"  # fp16: direct layout
-    whole = time_tflite((cached_models(CACHE) / whole_file).read_bytes(),
-                        np.random.default_rng(0).normal(-40, 20, (1, 1, 1001, 64)).astype(np.float32), args.threads, args.runs)
-    print(f"threads={args.threads}, winograd={args.winograd}; whole model ({whole_file}) {whole * 1000:.0f} ms, "
-          f"sum of pieces {total * 1000:.0f} ms\n")
-    print("| piece | ms | share | G MACs | GFLOP/s |")
-    print("|---|---|---|---|---|")
-    for name, t, macs in rows:
-        print(f"| {name} | {t * 1000:.1f} | {100 * t / total:.0f}% | {macs / 1e9:.2f} | {2 * macs / t / 1e9 if macs else 0:.0f} |")
+    times = interleaved([(data, inp) for _, _, data, inp, _ in models], args.threads, args.runs)
+    by = {(stage, form): (t, size) for (stage, form, _, _, size), t in zip(models, times)}
+    print(f"Machine: {cpu_line()}; threads={args.threads}, median of {args.runs} interleaved runs per piece; "
+          f"shipped fp32 layout: {WINOGRAD_BLOCKS}\n")
+    print("| piece | G MACs (direct) | " + " | ".join(f"{f} ms" for f in FORMS) + " | best | weights MB (" + ", ".join(FORMS) + ") |")
+    print("|---|---|" + "---|" * len(FORMS) + "---|---|")
+    total = {f: 0.0 for f in FORMS}
+    for stage, name, macs in rows:
+        got = {f: by[(stage, f)] for f in FORMS if (stage, f) in by}
+        for f in FORMS:
+            total[f] += got.get(f, got["direct"])[0]
+        best = min(got, key=lambda f: got[f][0])
+        print(f"| {name} | {macs / 1e9:.2f} | " + " | ".join(f"{got[f][0] * 1000:.1f}" if f in got else "–" for f in FORMS)
+              + f" | {best} | " + ", ".join(f"{got[f][1] / 1e6:.0f}" for f in got) + " |")
+    shipped = sum(by[(s, next(f for f, m in FORMS.items() if m == WINOGRAD_BLOCKS.get(s)))][0] if 1 <= s <= 6 else by[(s, "direct")][0]
+                  for s, _, _ in rows)
+    print(f"\nsum of pieces: all direct {total['direct'] * 1000:.0f} ms, as shipped {shipped * 1000:.0f} ms")
+
+
+def interleaved(models: list[tuple[bytes, np.ndarray]], threads: int, runs: int) -> list[float]:
+    """Median seconds per invoke of each model, one invoke of each in turn per round (noise hits all alike)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    loaded = []
+    for data, x in models:
+        it = Interpreter(model_content=data, num_threads=threads)
+        it.allocate_tensors()
+        idx = it.get_input_details()[0]["index"]
+        it.set_tensor(idx, x)
+        it.invoke()
+        loaded.append((it, idx, x))
+    samples: list[list[float]] = [[] for _ in loaded]
+    for _ in range(runs):
+        for k, (it, idx, x) in enumerate(loaded):
+            it.set_tensor(idx, x)
+            t = time.perf_counter()
+            it.invoke()
+            samples[k].append(time.perf_counter() - t)
+    return [float(np.median(s)) for s in samples]
 
 
 if __name__ == "__main__":

@@ -37,9 +37,12 @@ def test_report_gates_and_files(models):
     assert ops8["CONV_2D"] + ops8.get("DEPTHWISE_CONV_2D", 0) == 12  # int8, a CPU variant: unsplit
     assert fp16["convolutions"] == "direct (groups of 32 input channels)"
     assert int8["convolutions"] == "direct"
-    # fp32: blocks 4-6 as Winograd (BATCH_MATMULs over groups of 256 input channels), blocks 1-3 direct
-    assert fp32["convolutions"].startswith("winograd") and ops32["BATCH_MATMUL"] == sum(-(-c // 256) for c in cins[6:]) == 21
-    assert ops32["CONV_2D"] + ops32.get("DEPTHWISE_CONV_2D", 0) - 6 == 6  # 6 direct + 6 Winograd input transforms
+    # fp32: blocks 2-5 as Winograd F(4x4), block 6 as F(2x2) (GEMMs over groups of 256 input channels, plus
+    # one output-transform GEMM per convolution), block 1 direct
+    assert fp32["convolutions"] == ("winograd F(4x4,3x3) in blocks 2, 3, 4, 5, F(2x2,3x3) in block 6 (GEMMs over "
+                                    "groups of 256 input channels), direct elsewhere")
+    assert ops32["BATCH_MATMUL"] == sum(-(-c // 256) for c in cins[2:]) + 10 == 35
+    assert ops32["CONV_2D"] + ops32.get("DEPTHWISE_CONV_2D", 0) == 2 + 10  # 2 direct + 10 Winograd input transforms
     assert "DEQUANTIZE" not in fp32["graph"]["ops"]
 
 
@@ -145,9 +148,11 @@ def test_graph_inspection_flags_non_gpu_ops(tmp_path):
     assert not g.gpu_ok and "ARG_MAX" in g.gpu_unsupported
 
 
-@pytest.mark.parametrize("cin, cout, h, w", [(3, 5, 7, 6), (8, 4, 31, 2), (16, 16, 62, 4)])
-def test_winograd_conv_matches_direct(cin, cout, h, w):
-    """Winograd F(2x2,3x3) vs torch's direct conv2d (the independent reference), odd and even sizes."""
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("cin, cout, h, w", [(3, 5, 7, 6), (8, 4, 31, 2), (16, 16, 62, 4), (4, 6, 13, 9)])
+def test_winograd_conv_matches_direct(cin, cout, h, w, m):
+    """Winograd F(m x m, 3x3) vs torch's direct conv2d (the independent reference), sizes that are and
+    are not multiples of the tile."""
     from soundtag.convert.winograd import WinogradConv3x3
 
     g = torch.Generator().manual_seed(cin * cout)
@@ -156,8 +161,21 @@ def test_winograd_conv_matches_direct(cin, cout, h, w):
     x = torch.randn(1, cin, h, w, generator=g, dtype=torch.float64)
     ref = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
     for group in (None, 4, 3):  # one GEMM, or summed over groups of input channels (the GPU layout)
-        conv = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous(), group)
+        conv = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous(), group, m)
         torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
+
+
+def test_winograd_transforms_are_lavin_and_grays():
+    """The matrices solved from the interpolation points are the published F(4x4, 3x3) ones
+    (Lavin & Gray 2016, section 4.2), up to the sign convention of each row pair."""
+    from soundtag.convert.winograd import transforms
+
+    at, g, bt = transforms(4)
+    np.testing.assert_array_equal(at, [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])
+    np.testing.assert_allclose(g, [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], rtol=1e-15)
+    np.testing.assert_array_equal(bt, [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                                       [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]])
 
 
 def test_split_direct_conv_matches_conv2d():

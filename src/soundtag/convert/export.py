@@ -53,7 +53,11 @@ REPORT_FILE = "conversion_report.json"
 LABELS_TXT = "audioset_labels.txt"
 PRECISIONS = tuple(MODEL_FILES)
 DEFAULT_PRECISIONS = ("fp32", "fp16")
-WINOGRAD_BLOCKS = (4, 5, 6)  # where Winograd beats XNNPACK's direct conv here (bench/profile_blocks.py)
+# block -> Winograd output tile m of F(m x m, 3x3), measured per layer (bench/profile_blocks.py, README):
+# F(4x4) where the feature map is at least 4 wide (blocks 2-5), F(2x2) in block 6 (31 x 2: a 4x4 tile
+# would compute as many zeros as values), direct in block 1 (64 channels: the transforms cost more
+# than the 4x fewer multiply-adds save)
+WINOGRAD_BLOCKS = {2: 4, 3: 4, 4: 4, 5: 4, 6: 2}
 # The GPU layout (issue #8): each convolution sums over at most this many input channels per op and
 # adds the partial outputs. No weight tensor then exceeds WebGPU's 128 MiB binding limit (block 6's
 # 2048x2048x3x3 weights are 144 MiB in fp32), and in the GPU's fp16 mode, where every op accumulates
@@ -62,9 +66,9 @@ WINOGRAD_BLOCKS = (4, 5, 6)  # where Winograd beats XNNPACK's direct conv here (
 # synthetic CNN14, GPU fp16 mode vs CPU, min corr over the validation inputs (bench numbers in README):
 # direct unsplit 0.99965, groups of 256 0.99982, of 64 0.99989, of 32 0.99992.
 LAYOUTS = {  # precision -> (Winograd blocks, input channels per direct conv group, per Winograd GEMM group)
-    "fp32": (WINOGRAD_BLOCKS, None, 256),  # CPU speed first: today's speed, GPU-loadable (fp16 mode ~0.9998)
-    "fp16": ((), 32, None),  # the GPU model: fp16-mode parity first (CPU: 6 % faster than unsplit, too)
-    "int8": ((), None, None),  # a CPU variant, not run on a GPU: unsplit (groups of 256 cost it 6 % here)
+    "fp32": (WINOGRAD_BLOCKS, None, 256),  # CPU speed first; on a GPU exact in fp32 mode (fp16 mode: corr 0.9993)
+    "fp16": ({}, 32, None),  # the GPU model: fp16-mode parity first (CPU: 6 % faster than unsplit, too)
+    "int8": ({}, None, None),  # a CPU variant, not run on a GPU: unsplit (groups of 256 cost it 6 % here)
 }
 NO_WINOGRAD_GROUP = 256  # `--no-winograd` fp32: direct convolutions over groups of 256 input channels
 AEQ_CHUNK_BYTES = 32 * 1024 * 1024  # ai-edge-quantizer 0.10 chunks weights above this size (#472)
@@ -73,15 +77,17 @@ AEQ_CHUNK_BYTES = 32 * 1024 * 1024  # ai-edge-quantizer 0.10 chunks weights abov
 class _ExportBody(nn.Module):
     """CNN14 body with every BatchNorm folded into constants, for conversion only.
 
-    Blocks listed in ``winograd`` (1-based) run their 3x3 convolutions as Winograd F(2x2, 3x3).
+    Blocks in ``winograd`` (1-based block -> output tile m) run their 3x3 convolutions as Winograd
+    F(m x m, 3x3); the others directly.
     ``direct_group`` / ``winograd_group``: input channels per partial sum (see LAYOUTS); None: one.
     With ``embedding`` the model has a second output: the 2048-d embedding (fc1 + ReLU), as upstream.
     """
 
-    def __init__(self, body: Cnn14Body, winograd: tuple[int, ...] = (), embedding: bool = False,
+    def __init__(self, body: Cnn14Body, winograd: dict[int, int] | None = None, embedding: bool = False,
                  direct_group: int | None = None, winograd_group: int | None = None) -> None:
         super().__init__()
         keep: list[torch.Tensor] = []
+        winograd = dict(winograd or {})
 
         def const(t: torch.Tensor) -> torch.Tensor:
             c = t.detach().to(torch.float32).contiguous().clone()
@@ -99,11 +105,11 @@ class _ExportBody(nn.Module):
                 s, t = _bn_affine(bn)
                 weight = conv.weight.detach().double() * s.reshape(-1, 1, 1, 1)
                 if number in winograd:
-                    self.convs.append(WinogradConv3x3(weight, t, h, w, const, winograd_group))
+                    self.convs.append(WinogradConv3x3(weight, t, h, w, const, winograd_group, winograd[number]))
                 else:
                     self.convs.append(_DirectConv(weight, t, const, direct_group))
             h, w = h // pool, w // pool
-        self.winograd = tuple(winograd)
+        self.winograd = winograd
         self.pools = Cnn14Body.POOLS
         self.fc1 = (const(body.fc1.weight), const(body.fc1.bias))
         self.fc2 = (const(body.fc_audioset.weight), const(body.fc_audioset.bias))
@@ -191,7 +197,7 @@ def reference_outputs(body: Cnn14Body, inputs: dict[str, np.ndarray]) -> ModelOu
     return ModelOutputs(probs, embs)
 
 
-def to_fp32_tflite(body: Cnn14Body, layout: tuple = ((), None, None), embedding: bool = True) -> bytes:
+def to_fp32_tflite(body: Cnn14Body, layout: tuple = ({}, None, None), embedding: bool = True) -> bytes:
     """litert-torch conversion of the folded body in a layout of LAYOUTS (Winograd blocks, direct
     group, Winograd group); returns the flatbuffer bytes (unvalidated)."""
     try:
@@ -363,7 +369,7 @@ def convert_checkpoint(
 ) -> ConversionResult:
     """Convert, validate and (only if every model passes) write models, assets and report.
 
-    fp32 runs blocks 4-6 as Winograd convolutions when ``winograd`` (CPU speed, bigger file);
+    fp32 runs blocks 2-6 as Winograd convolutions when ``winograd`` (CPU speed, bigger file);
     fp16 and int8 use direct convolutions. Layouts: LAYOUTS. With ``gpu_check``, where LiteRT's GPU
     accelerator is available, the fp32 and fp16 models must also run on it fully accelerated, in fp16
     and fp32 mode, within GPU_GATES of their CPU run (about a minute per model on a software GPU).
@@ -391,7 +397,7 @@ def convert_checkpoint(
     # fp32 and int8 (CPU models) carry the 2048-d embedding as a second output; fp16 keeps the model
     # card's single-output signature, a drop-in for its Android code.
     blobs: dict[str, bytes] = {}
-    layouts = dict(LAYOUTS, fp32=LAYOUTS["fp32"] if winograd else ((), NO_WINOGRAD_GROUP, None))
+    layouts = dict(LAYOUTS, fp32=LAYOUTS["fp32"] if winograd else ({}, NO_WINOGRAD_GROUP, None))
     fp32 = to_fp32_tflite(body, layouts["fp32"], embedding=True)
     direct = None
     if "int8" in precisions:
@@ -479,11 +485,17 @@ def _describe_layout(layout: tuple) -> str:
     blocks, direct_group, winograd_group = layout
     parts = []
     if blocks:
-        parts.append(f"winograd F(2x2,3x3) in blocks {', '.join(map(str, blocks))}"
+        parts.append("winograd " + ", ".join(f"F({m}x{m},3x3) in block{'s' if len(bs) > 1 else ''} {', '.join(map(str, bs))}"
+                                             for m, bs in _by_tile(blocks))
                      + (f" (GEMMs over groups of {winograd_group} input channels)" if winograd_group else ""))
     parts.append(("direct elsewhere" if blocks else "direct")
                  + (f" (groups of {direct_group} input channels)" if direct_group else ""))
     return ", ".join(parts)
+
+
+def _by_tile(blocks: dict[int, int]) -> list[tuple[int, list[int]]]:
+    """{block: m} as [(m, [blocks])], largest tile first: {2: 4, 3: 4, 6: 2} -> [(4, [2, 3]), (2, [6])]."""
+    return [(m, sorted(b for b, t in blocks.items() if t == m)) for m in sorted(set(blocks.values()), reverse=True)]
 
 
 def _versions() -> dict:

@@ -25,10 +25,12 @@ GATES = {
 }
 
 # GPU parity gates (issue #8): the model on LiteRT's GPU accelerator vs the same model on the CPU, per
-# GPU arithmetic mode. fp32 models favour CPU speed (LAYOUTS in export.py); in fp16 mode they reach
-# ~0.9998 on the synthetic CNN14, the fp16 model (the GPU model) 0.9999.
+# GPU arithmetic mode (``None``: measured and reported, not gated). The fp32 model favours CPU speed
+# (LAYOUTS in export.py): its Winograd F(4x4) transforms scale by up to 8 and 5, which float16
+# arithmetic does not carry (GPU fp16 mode: corr 0.9993 vs the CPU on the synthetic CNN14), so on a GPU
+# it is for fp32 mode, where it is exact; the fp16 model is the GPU's fp16 model (0.9999).
 GPU_GATES = {
-    "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9998, "max_abs_diff": None}},
+    "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": None},
     "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9999, "max_abs_diff": None}},
 }
 # The waveform models (issue #9) are gated in the GPU's fp32 mode only. In fp16 mode the in-graph DFT's

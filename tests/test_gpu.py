@@ -67,7 +67,7 @@ def test_conversion_report_gpu_parity(models):
     """The converter ran fp32 and fp16 on the GPU in both modes and held them to GPU_GATES: both exact in
     fp32 mode; in fp16 mode the fp16 model is gated, the fp32 model (Winograd F(4x4)) measured only."""
     report = json.loads((models / "conversion_report.json").read_text())
-    for precision, fp16_gate in (("fp32", None), ("fp16", 0.9999)):
+    for precision, fp16_gate in (("fp32", None), ("fp16", 0.9998)):
         gpu = report["models"][precision]["gpu"]
         assert gpu["available"] and gpu["passed"] and gpu["fully_accelerated"]
         assert gpu["backend"].startswith("WebGPU/")
@@ -79,7 +79,7 @@ def test_conversion_report_gpu_parity(models):
 
 @needs_gpu
 @pytest.mark.parametrize("precision, mode, min_corr, max_diff", [
-    ("fp16", "fp16", 0.9999, 0.02),  # the GPU model in the GPU's own fp16 arithmetic
+    ("fp16", "fp16", 0.9998, 0.02),  # the GPU model in the GPU's own fp16 arithmetic (GPU_GATES)
     ("fp32", "fp32", 0.99999, 1e-4),  # the CPU's default model, Winograd blocks and all, in fp32 mode
 ])
 def test_tagger_on_gpu_matches_cpu(models, precision, mode, min_corr, max_diff):
@@ -118,7 +118,7 @@ def test_selftest_gpu_json(models):
     assert report["passed"] and report["accelerator"] == "gpu" and report["gpu_precision"] == "fp16"
     assert report["fully_accelerated"] is True and report["backend"].startswith("WebGPU/")
     assert report["adapter"] and report["adapter"] != "unknown"
-    assert report["parity_vs_cpu"]["corr"] >= 0.9999 and report["ms_per_window"] > 0
+    assert report["parity_vs_cpu"]["corr"] >= 0.9998 and report["ms_per_window"] > 0
     cpu = Cnn14Model(path)(probe_input())
     from soundtag.labels import labels
 

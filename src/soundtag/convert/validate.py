@@ -28,10 +28,13 @@ GATES = {
 # GPU arithmetic mode (``None``: measured and reported, not gated). The fp32 model favours CPU speed
 # (LAYOUTS in export.py): its Winograd F(4x4) transforms scale by up to 8 and 5, which float16
 # arithmetic does not carry (GPU fp16 mode: corr 0.9993 vs the CPU on the synthetic CNN14), so on a GPU
-# it is for fp32 mode, where it is exact; the fp16 model is the GPU's fp16 model (0.9999).
+# it is for fp32 mode, where it is exact; the fp16 model is the GPU's fp16 model. Its fp16 mode
+# measured 0.99992 on lavapipe on a Zen 4 (AVX-512) host and 0.99990 on an AVX2 one (the software GPU's
+# float16 rounding follows the host's code), hence 0.9998: still 10x closer to 1 than the fp32 model's
+# F(4x4) in that mode; the runtime probe's 0.999 refuses a broken device.
 GPU_GATES = {
     "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": None},
-    "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9999, "max_abs_diff": None}},
+    "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9998, "max_abs_diff": None}},
 }
 # The waveform models (issue #9) are gated in the GPU's fp32 mode only. In fp16 mode the in-graph DFT's
 # float16 sums have a noise floor ~66 dB under each frame's peak, so bands that are empty in the host

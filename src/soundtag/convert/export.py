@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,8 +261,10 @@ def to_fp16_tflite(fp32: bytes, keep_float32: tuple[str, ...] = ()) -> bytes:
     return _quantize(fp32, recipe)
 
 
-def to_int8_tflite(fp32: bytes) -> bytes:
-    """Dynamic-range int8 (ai-edge-quantizer's dynamic_wi8_afp32 recipe).
+def to_int8_tflite(fp32: bytes, keep_float: tuple[str, ...] = ()) -> bytes:
+    """Dynamic-range int8 (ai-edge-quantizer's dynamic_wi8_afp32 recipe); the layers named in
+    ``keep_float`` (INT8_LAYERS: "block1.conv1" ... "block6.conv2", "fc1", "fc_audioset") keep float32
+    weights and arithmetic.
 
     ai-edge-quantizer 0.10 fails on weights over 32 MiB (CNN14 blocks 5-6, fc1) because its chunked
     path broadcasts per-channel scales [O,1,1,1] onto a 2-D view (upstream ai-edge-quantizer #472).
@@ -275,8 +278,37 @@ def to_int8_tflite(fp32: bytes) -> bytes:
             False,
         )
     ]
+    names = dict(zip(INT8_LAYERS, weighted_op_outputs(fp32))) if keep_float else {}
+    unknown = [k for k in keep_float if k not in names]
+    if unknown:
+        raise ValueError(f"unknown layer {unknown[0]!r}; choose from {', '.join(INT8_LAYERS)}")
+    recipe += [{"regex": "^" + re.escape(names[k]) + "$", "operation": "*", "algorithm_key": "no_quantize",
+                "op_config": {}} for k in keep_float]
     with _aeq_no_chunking():
         return _quantize(fp32, recipe)
+
+
+INT8_LAYERS = tuple(f"block{b}.conv{c}" for b in range(1, 7) for c in (1, 2)) + ("fc1", "fc_audioset")
+
+
+def weighted_op_outputs(model: bytes) -> list[str]:
+    """Output tensor names of the convolutions and fully connected layers of a direct-layout model,
+    in graph order (INT8_LAYERS); ai-edge-quantizer's recipes select ops by these names."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    codes = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D,
+             schema.BuiltinOperator.FULLY_CONNECTED}
+    m = schema.Model.GetRootAs(model, 0)
+    sg = m.Subgraphs(0)
+    out = []
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        oc = m.OperatorCodes(op.OpcodeIndex())
+        if max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()) in codes:
+            out.append(sg.Tensors(op.Outputs(0)).Name().decode())
+    if len(out) != len(INT8_LAYERS):
+        raise ValueError(f"expected {len(INT8_LAYERS)} convolutions and dense layers (direct layout), found {len(out)}")
+    return out
 
 
 def _aeq_rule(algorithm: str, weight_cfg: dict, compute: str, explicit_dq: bool) -> dict:

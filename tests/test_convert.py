@@ -204,3 +204,27 @@ def test_cli_convert_direct_fp32(checkpoint, tmp_path, capsys):
     assert fp32["parity_vs_pytorch"]["min_corr"] >= 0.99999 and fp32["parity_vs_pytorch"]["max_abs_diff"] <= 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "audioset_labels.txt", "cnn14_audioset_fp32.tflite", "conversion_report.json", "mel_basis.bin"]
+
+
+@pytest.mark.slow
+def test_int8_keeps_named_layers_in_float(body):
+    """to_int8_tflite(keep_float=...) (bench/int8_layers.py's layer choices): the named layers keep float32
+    weights, every other convolution and dense layer is int8, and an unknown name is refused."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    fp32 = export.to_fp32_tflite(body, export.LAYOUTS["int8"], embedding=True)
+    with pytest.raises(ValueError, match="unknown layer 'block7.conv1'"):
+        export.to_int8_tflite(fp32, ("block7.conv1",))
+    data = export.to_int8_tflite(fp32, ("block1.conv2", "fc_audioset"))
+    model = schema.Model.GetRootAs(data, 0)
+    sg = model.Subgraphs(0)
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    weights = {}  # weight shape -> type of the weighted ops' second input (after any DEQUANTIZE: none here)
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        if op.InputsLength() > 1:
+            t = sg.Tensors(op.Inputs(1))
+            weights[tuple(t.ShapeAsNumpy())] = types[t.Type()]
+    assert weights[(527, 2048)] == "FLOAT32" and weights[(64, 3, 3, 64)] == "FLOAT32"  # fc_audioset, block1.conv2
+    assert weights[(2048, 2048)] == "INT8" and weights[(128, 3, 3, 64)] == "INT8"  # fc1, block2.conv1
+    assert sum(v == "INT8" for v in weights.values()) == 12

@@ -282,7 +282,9 @@ def to_int8_tflite(fp32: bytes, keep_float: tuple[str, ...] = ()) -> bytes:
     unknown = [k for k in keep_float if k not in names]
     if unknown:
         raise ValueError(f"unknown layer {unknown[0]!r}; choose from {', '.join(INT8_LAYERS)}")
-    recipe += [{"regex": "^" + re.escape(names[k]) + "$", "operation": "*", "algorithm_key": "no_quantize",
+    # ai-edge-quantizer searches the regex in a string that holds the op's output name (anchors fail);
+    # litert-torch's names nest (";6" inside ";;...;6", ";3" a prefix of ";31"), hence the guards
+    recipe += [{"regex": "(?<!;)" + re.escape(names[k]) + r"(?!\d)", "operation": "*", "algorithm_key": "no_quantize",
                 "op_config": {}} for k in keep_float]
     with _aeq_no_chunking():
         return _quantize(fp32, recipe)

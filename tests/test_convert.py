@@ -37,11 +37,12 @@ def test_report_gates_and_files(models):
     assert ops8["CONV_2D"] + ops8.get("DEPTHWISE_CONV_2D", 0) == 12  # int8, a CPU variant: unsplit
     assert fp16["convolutions"] == "direct (groups of 32 input channels)"
     assert int8["convolutions"] == "direct"
-    # fp32: blocks 2-5 as Winograd F(4x4), block 6 as F(2x2) (GEMMs over groups of 256 input channels, plus
-    # one output-transform GEMM per convolution), block 1 direct
+    # fp32: blocks 2-5 as Winograd F(4x4), block 6 as F(2x2) (BATCH_MATMULs over groups of 256 input channels,
+    # and per convolution one output-transform GEMM by a constant, which is a FULLY_CONNECTED), block 1 direct
     assert fp32["convolutions"] == ("winograd F(4x4,3x3) in blocks 2, 3, 4, 5, F(2x2,3x3) in block 6 (GEMMs over "
                                     "groups of 256 input channels), direct elsewhere")
-    assert ops32["BATCH_MATMUL"] == sum(-(-c // 256) for c in cins[2:]) + 10 == 35
+    assert ops32["BATCH_MATMUL"] == sum(-(-c // 256) for c in cins[2:]) == 25
+    assert ops32["FULLY_CONNECTED"] == 10 + 2  # the output transforms, fc1 and fc_audioset
     assert ops32["CONV_2D"] + ops32.get("DEPTHWISE_CONV_2D", 0) == 2 + 10  # 2 direct + 10 Winograd input transforms
     assert "DEQUANTIZE" not in fp32["graph"]["ops"]
 

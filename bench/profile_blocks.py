@@ -43,7 +43,9 @@ class Piece(nn.Module):
         return torch.sigmoid(F.linear(F.relu(F.linear(x, *e.fc1)), *e.fc2))
 
 
-FORMS = {"direct": None, "F(2x2)": 2, "F(4x4)": 4}  # how a block's two convolutions are computed
+# how a block's two convolutions are computed: direct, or Winograd F(m x m) with the GEMMs as grouped
+# CONV_2Ds (shipped: cacheable weights) or as BATCH_MATMULs
+FORMS = {"direct": None, "F(2x2)": (2, "conv"), "F(4x4)": (4, "conv"), "F(2x2) bmm": (2, "bmm"), "F(4x4) bmm": (4, "bmm")}
 
 
 def main() -> None:
@@ -67,7 +69,8 @@ def main() -> None:
         forms = FORMS if 1 <= stage <= 6 else {"direct": None}
         y = None
         for form, m in forms.items():
-            export = _ExportBody(body, {stage: m} if m else {}, False, None, group if m else None).eval()
+            export = _ExportBody(body, {stage: m[0]} if m else {}, False, None, group if m else None,
+                                 m[1] if m else "conv").eval()
             piece = Piece(export, stage).eval()
             with torch.inference_mode():
                 y = piece(x) if y is None else y
@@ -96,7 +99,7 @@ def main() -> None:
         best = min(got, key=lambda f: got[f][0])
         print(f"| {name} | {macs / 1e9:.2f} | " + " | ".join(f"{got[f][0] * 1000:.1f}" if f in got else "–" for f in FORMS)
               + f" | {best} | " + ", ".join(f"{got[f][1] / 1e6:.0f}" for f in got) + " |")
-    shipped = sum(by[(s, next(f for f, m in FORMS.items() if m == WINOGRAD_BLOCKS.get(s)))][0] if 1 <= s <= 6 else by[(s, "direct")][0]
+    shipped = sum(by[(s, next(f for f, m in FORMS.items() if (m and m[0]) == WINOGRAD_BLOCKS.get(s)))][0] if 1 <= s <= 6 else by[(s, "direct")][0]
                   for s, _, _ in rows)
     print(f"\nsum of pieces: all direct {total['direct'] * 1000:.0f} ms, as shipped {shipped * 1000:.0f} ms")
 

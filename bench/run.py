@@ -28,9 +28,11 @@ from tests.fixtures import cached_checkpoint, cached_models, scene
 # torch's OpenMP workers otherwise spin after each call and steal both cores from the variant that
 # runs next in the interleaved loop; the reference's own time is unchanged (504 vs 507 ms here).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SOUNDTAG_BENCH_CACHE", ROOT / ".test-cache"))
+# XNNPACK's packed weights for the in-process runs (model.py): next to the bench's models, not in ~/.cache
+os.environ.setdefault("SOUNDTAG_WEIGHT_CACHE", str(CACHE / "xnnpack"))
+
 GFLOP_PER_CLIP = 40.1  # CNN14 body, 20.05 G multiply-adds per 10 s window (converter's count)
 VARIANTS = ("reference", "fp32", "fp16", "int8")
 
@@ -161,8 +163,9 @@ def summarize(samples: list[dict]) -> dict:
     return out
 
 
-def subprocess_probe(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+def subprocess_probe(code: str, env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                         env=None if env is None else {**os.environ, **env})
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -194,19 +197,27 @@ print(json.dumps({{"import_s": a - t, "load_s": b - a, "peak_rss_mb": int(hwm) /
 
 
 def probe_memory(short: Path, long: Path, long_minutes: float, model_files: dict, ckpt: Path, threads: int) -> dict:
-    """Peak RSS (VmHWM) of a fresh process tagging a 10 s file and the long file."""
+    """Peak RSS (VmHWM) of a fresh process tagging a 10 s file and the long file; soundtag in its three
+    CPU states: building XNNPACK's weight cache (a first load), mapping the built cache (every later
+    load), and packing on the heap ($SOUNDTAG_WEIGHT_CACHE=0, the Interpreter)."""
     mem = {}
+    states = {"builds cache": None, "maps cache": None, "heap": {"SOUNDTAG_WEIGHT_CACHE": "0"}}
     for label, path in (("10 s", short), (f"{long_minutes:g} min", long)):
         for p in ("fp32", "int8"):
             work = f"r = tg.tag_file({str(path)!r})"
-            mem[(p, label)] = subprocess_probe(STARTUP_SOUNDTAG.format(model=str(model_files[p]), work=work))
-        mem[("reference", label)] = subprocess_probe(STARTUP_REFERENCE.format(
+            with tempfile.TemporaryDirectory() as cache:
+                for state, env in states.items():
+                    mem[(p, state, label)] = subprocess_probe(STARTUP_SOUNDTAG.format(model=str(model_files[p]), work=work),
+                                                              env or {"SOUNDTAG_WEIGHT_CACHE": cache})
+        mem[("reference", "", label)] = subprocess_probe(STARTUP_REFERENCE.format(
             ckpt=str(ckpt), threads=threads, work=f"ref(__import__('pathlib').Path({str(path)!r}))"))
-    print("| path | import s | model load s | peak RSS 10 s file MB | peak RSS " + f"{long_minutes:g} min file MB |")
-    print("|---|---|---|---|---|")
-    for p in ("reference", "fp32", "int8"):
-        short_m, long_m = mem[(p, "10 s")], mem[(p, f"{long_minutes:g} min")]
-        print(f"| {p} | {short_m['import_s']:.2f} | {short_m['load_s']:.2f} | {short_m['peak_rss_mb']:.0f} | {long_m['peak_rss_mb']:.0f} |")
+    print(f"| path | model file MB | import s | model load s | peak RSS 10 s file MB | peak RSS {long_minutes:g} min file MB |")
+    print("|---|---|---|---|---|---|")
+    for p, state in [("reference", "")] + [(p, s) for p in ("fp32", "int8") for s in states]:
+        short_m, long_m = mem[(p, state, "10 s")], mem[(p, state, f"{long_minutes:g} min")]
+        size = f"{model_files[p].stat().st_size / 2**20:.0f}" if p in model_files else "–"
+        print(f"| {p}{', ' + state if state else ''} | {size} | {short_m['import_s']:.2f} | {short_m['load_s']:.2f} | "
+              f"{short_m['peak_rss_mb']:.0f} | {long_m['peak_rss_mb']:.0f} |")
     return mem
 
 
@@ -256,7 +267,7 @@ def main() -> None:
         f"{k} {v:.1f} s ({long_times['reference'] / v:.2f}x)" for k, v in long_times.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"stats": stats, "batch": batch, "long": long_times,
-                                               "memory": {f"{k[0]}|{k[1]}": v for k, v in mem.items()}}, indent=2))
+                                               "memory": {"|".join(k): v for k, v in mem.items()}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -37,13 +37,15 @@ def test_report_gates_and_files(models):
     assert ops8["CONV_2D"] + ops8.get("DEPTHWISE_CONV_2D", 0) == 12  # int8, a CPU variant: unsplit
     assert fp16["convolutions"] == "direct (groups of 32 input channels)"
     assert int8["convolutions"] == "direct"
-    # fp32: blocks 2-5 as Winograd F(4x4), block 6 as F(2x2) (BATCH_MATMULs over groups of 256 input channels,
-    # and per convolution one output-transform GEMM by a constant, which is a FULLY_CONNECTED), block 1 direct
-    assert fp32["convolutions"] == ("winograd F(4x4,3x3) in blocks 2, 3, 4, 5, F(2x2,3x3) in block 6 (GEMMs over "
-                                    "groups of 256 input channels), direct elsewhere")
-    assert ops32["BATCH_MATMUL"] == sum(-(-c // 256) for c in cins[2:]) == 25
+    # fp32: blocks 2-5 as Winograd F(4x4), block 6 as F(2x2): per group of 256 input channels one grouped
+    # 1x1 CONV_2D holding the n² GEMMs (XNNPACK's weight cache packs CONV_2D, not BATCH_MATMUL), and per
+    # convolution one output-transform GEMM by a constant, which is a FULLY_CONNECTED; block 1 direct
+    assert fp32["convolutions"] == ("winograd F(4x4,3x3) in blocks 2, 3, 4, 5, F(2x2,3x3) in block 6 as 12 GEMMs (2 wide: "
+                                    "Karatsuba across the columns) (GEMMs over groups of 256 input channels), direct elsewhere")
+    assert "BATCH_MATMUL" not in ops32
     assert ops32["FULLY_CONNECTED"] == 10 + 2  # the output transforms, fc1 and fc_audioset
-    assert ops32["CONV_2D"] + ops32.get("DEPTHWISE_CONV_2D", 0) == 2 + 10  # 2 direct + 10 Winograd input transforms
+    # 2 direct + 10 Winograd input transforms (depthwise) + the GEMM parts
+    assert ops32["CONV_2D"] + ops32.get("DEPTHWISE_CONV_2D", 0) == 2 + 10 + sum(-(-c // 256) for c in cins[2:]) == 37
     assert "DEQUANTIZE" not in fp32["graph"]["ops"]
 
 
@@ -154,16 +156,36 @@ def test_graph_inspection_flags_non_gpu_ops(tmp_path):
 def test_winograd_conv_matches_direct(cin, cout, h, w, m):
     """Winograd F(m x m, 3x3) vs torch's direct conv2d (the independent reference), sizes that are and
     are not multiples of the tile."""
-    from soundtag.convert.winograd import WinogradConv3x3
+    from soundtag.convert.winograd import GEMM_FORMS, WinogradConv3x3
 
     g = torch.Generator().manual_seed(cin * cout)
     weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
     bias = torch.randn(cout, generator=g, dtype=torch.float64)
     x = torch.randn(1, cin, h, w, generator=g, dtype=torch.float64)
     ref = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
-    for group in (None, 4, 3):  # one GEMM, or summed over groups of input channels (the GPU layout)
-        conv = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous(), group, m)
-        torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
+    for gemm in GEMM_FORMS:  # grouped 1x1 convolutions (shipped) or batched matmuls
+        # one GEMM, or summed over groups of input channels (the GPU layout); the convolution form
+        # takes groups that divide Cin (CNN14's channel counts are powers of two)
+        for group in (None, 4, 3) if gemm == "bmm" else [g for g in (None, 1, 2, 4) if g is None or cin % g == 0]:
+            conv = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous(), group, m, gemm)
+            torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("cin, cout, h", [(3, 5, 7), (8, 4, 31), (16, 16, 2), (4, 6, 1)])
+def test_width_two_conv_matches_direct(cin, cout, h):
+    """Block 6's form (Karatsuba across the 2 columns, 1-D F(2, 3) down the rows) vs torch's conv2d."""
+    from soundtag.convert.winograd import GEMM_FORMS, WidthTwoConv3x3
+
+    g = torch.Generator().manual_seed(cin + cout + h)
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    x = torch.randn(1, cin, h, 2, generator=g, dtype=torch.float64)
+    ref = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
+    for gemm in GEMM_FORMS:
+        for group in [g for g in (None, 1, 2, 4) if g is None or cin % g == 0]:
+            conv = WidthTwoConv3x3(weight, bias, h, 2, lambda t: t.detach().double().contiguous(), group, 2, gemm)
+            assert conv.k == 12 and sum(u.numel() for u in conv.u) == 12 * cin * cout  # 3/4 of F(2x2)'s weights
+            torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
 
 
 def test_winograd_transforms_are_lavin_and_grays():

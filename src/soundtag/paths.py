@@ -9,6 +9,7 @@ from .errors import ModelNotFoundError
 
 MODEL_ENV = "SOUNDTAG_MODEL"  # path of the .tflite to use when --model is not given
 CACHE_ENV = "SOUNDTAG_CACHE"  # overrides the cache directory
+WEIGHT_CACHE_ENV = "SOUNDTAG_WEIGHT_CACHE"  # XNNPACK's packed weights: a directory, or "0" for none
 DEFAULT_MODEL_FILE = "cnn14_audioset_fp32.tflite"
 
 
@@ -22,6 +23,15 @@ def cache_dir() -> Path:
 
 def models_dir() -> Path:
     return cache_dir() / "models"
+
+
+def weight_cache_dir() -> Path | None:
+    """Where XNNPACK's packed weights go, one file per model and CPU (model.py): $SOUNDTAG_WEIGHT_CACHE,
+    else the cache's xnnpack/; None when that variable is "0" or "off" (pack on the heap, no file)."""
+    value = os.environ.get(WEIGHT_CACHE_ENV, "")
+    if value.lower() in ("0", "off"):
+        return None
+    return Path(value) if value else cache_dir() / "xnnpack"
 
 
 def resolve_model_path(explicit: str | Path | None = None) -> tuple[Path, bool]:

@@ -64,7 +64,9 @@ class ModelPool:
         from .files import file_digest
 
         try:
-            models = [load_model(self.options) for _ in range(self.workers)]
+            # one worker runs from XNNPACK's mapped weight cache; several take Interpreters, whose runs
+            # release the GIL so their windows run at once (each holds its own packed weights)
+            models = [load_model(self.options, weight_cache=self.workers == 1) for _ in range(self.workers)]
         except ModelError as exc:
             self.error = str(exc)
             log.error("%s", exc)

@@ -85,12 +85,13 @@ class TaggerOptions:
         return min(self.num_threads, os.cpu_count() or 1, MAX_THREADS)
 
 
-def load_model(options: TaggerOptions) -> Cnn14Model:
-    """The model the options name; a cached model that fails to load says how to rebuild it."""
+def load_model(options: TaggerOptions, weight_cache: bool = True) -> Cnn14Model:
+    """The model the options name; a cached model that fails to load says how to rebuild it.
+    ``weight_cache``: see Cnn14Model."""
     path, cached = resolve_model_path(options.model_path)
     try:
         return Cnn14Model(path, num_threads=options.threads, accelerator=options.accelerator,
-                          gpu_precision=options.gpu_precision)
+                          gpu_precision=options.gpu_precision, weight_cache=weight_cache)
     except ModelError as exc:
         if cached:
             raise ModelError(f"{exc.reason}; run 'soundtag fetch' again to rebuild the cached model", exc.path) from None

@@ -36,7 +36,7 @@ from ..errors import ValidationError
 from ..files import atomic_write_bytes, file_digest
 from .cnn14 import Cnn14Body, load_body
 from .frontend import LogmelFrontEnd
-from .winograd import WinogradConv3x3
+from .winograd import WidthTwoConv3x3, WinogradConv3x3
 from .validate import GATES, GPU_GATES, WAVEFORM_GPU_GATES, ModelOutputs, compare, gpu_parity, inspect_graph, run_tflite
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ PRECISIONS = tuple(MODEL_FILES)
 DEFAULT_PRECISIONS = ("fp32", "fp16")
 # block -> Winograd output tile m of F(m x m, 3x3), measured per layer (bench/profile_blocks.py, README):
 # F(4x4) where the feature map is at least 4 wide (blocks 2-5), F(2x2) in block 6 (31 x 2: a 4x4 tile
-# would compute as many zeros as values), direct in block 1 (64 channels: the transforms cost more
-# than the 4x fewer multiply-adds save)
+# would compute as many zeros as values; 2 wide, it takes WidthTwoConv3x3's 12 GEMMs instead of 16),
+# direct in block 1 (64 channels: the transforms cost more than the 4x fewer multiply-adds save)
 WINOGRAD_BLOCKS = {2: 4, 3: 4, 4: 4, 5: 4, 6: 2}
 # The GPU layout (issue #8): each convolution sums over at most this many input channels per op and
 # adds the partial outputs. No weight tensor then exceeds WebGPU's 128 MiB binding limit (block 6's
@@ -85,7 +85,7 @@ class _ExportBody(nn.Module):
     """
 
     def __init__(self, body: Cnn14Body, winograd: dict[int, int] | None = None, embedding: bool = False,
-                 direct_group: int | None = None, winograd_group: int | None = None) -> None:
+                 direct_group: int | None = None, winograd_group: int | None = None, gemm: str = "conv") -> None:
         super().__init__()
         keep: list[torch.Tensor] = []
         winograd = dict(winograd or {})
@@ -106,7 +106,9 @@ class _ExportBody(nn.Module):
                 s, t = _bn_affine(bn)
                 weight = conv.weight.detach().double() * s.reshape(-1, 1, 1, 1)
                 if number in winograd:
-                    self.convs.append(WinogradConv3x3(weight, t, h, w, const, winograd_group, winograd[number]))
+                    m = winograd[number]
+                    form = WidthTwoConv3x3 if (m, w) == (2, 2) else WinogradConv3x3  # block 6: 12 GEMMs, not 16
+                    self.convs.append(form(weight, t, h, w, const, winograd_group, m, gemm))
                 else:
                     self.convs.append(_DirectConv(weight, t, const, direct_group))
             h, w = h // pool, w // pool
@@ -519,8 +521,11 @@ def _describe_layout(layout: tuple) -> str:
     blocks, direct_group, winograd_group = layout
     parts = []
     if blocks:
-        parts.append("winograd " + ", ".join(f"F({m}x{m},3x3) in block{'s' if len(bs) > 1 else ''} {', '.join(map(str, bs))}"
-                                             for m, bs in _by_tile(blocks))
+        def tile(m: int, bs: list[int]) -> str:
+            two = [b for b in bs if m == 2 and features.N_MELS >> (b - 1) == 2]  # WidthTwoConv3x3's blocks
+            text = f"F({m}x{m},3x3) in block{'s' if len(bs) > 1 else ''} {', '.join(map(str, bs))}"
+            return text + (" as 12 GEMMs (2 wide: Karatsuba across the columns)" if two == bs else "")
+        parts.append("winograd " + ", ".join(tile(m, bs) for m, bs in _by_tile(blocks))
                      + (f" (GEMMs over groups of {winograd_group} input channels)" if winograd_group else ""))
     parts.append(("direct elsewhere" if blocks else "direct")
                  + (f" (groups of {direct_group} input channels)" if direct_group else ""))

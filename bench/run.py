@@ -211,6 +211,7 @@ def probe_memory(short: Path, long: Path, long_minutes: float, model_files: dict
                                                               env or {"SOUNDTAG_WEIGHT_CACHE": cache})
         mem[("reference", "", label)] = subprocess_probe(STARTUP_REFERENCE.format(
             ckpt=str(ckpt), threads=threads, work=f"ref(__import__('pathlib').Path({str(path)!r}))"))
+    print(f"\nMachine: {cpu_line()}; peak RSS = VmHWM of a fresh process per cell\n")
     print(f"| path | model file MB | import s | model load s | peak RSS 10 s file MB | peak RSS {long_minutes:g} min file MB |")
     print("|---|---|---|---|---|---|")
     for p, state in [("reference", "")] + [(p, s) for p in ("fp32", "int8") for s in states]:

@@ -216,7 +216,29 @@ class _CpuRunner:
         return probs, None if self._emb is None else self._interp.get_tensor(self._emb)[0].copy()
 
 
-class _CachedCpuRunner:
+class _CompiledRunner:
+    """Runs one LiteRT CompiledModel (CPU or GPU) through its first signature's tensor buffers."""
+
+    def _bind(self, model, name: str) -> None:
+        self._model = model
+        signature = model.get_signature_list()
+        key = next(iter(signature))
+        details = model.get_output_tensor_details(key)
+        shapes = [tuple(int(d) for d in details[o]["shape"]) for o in signature[key]["outputs"]]
+        self._p, self._e = _output_roles(shapes, name)
+        self.has_embedding = self._e is not None
+        self._sizes = [int(np.prod(s)) for s in shapes]
+        self._inputs = model.create_input_buffers(0)
+        self._outputs = model.create_output_buffers(0)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        self._inputs[0].write(x.ravel())
+        self._model.run_by_index(0, self._inputs, self._outputs)
+        out = [buf.read(n, np.float32) for buf, n in zip(self._outputs, self._sizes)]
+        return out[self._p].copy(), None if self._e is None else out[self._e].copy()
+
+
+class _CachedCpuRunner(_CompiledRunner):
     """LiteRT's CompiledModel on the CPU (XNNPACK) with XNNPACK's weight cache file (see the module
     docstring). The file's name holds the model's path, size and mtime, LiteRT's version and the CPU's
     flags, so a changed model or another CPU never reads a stale packing; it is built under a
@@ -224,15 +246,8 @@ class _CachedCpuRunner:
     Unlike the Interpreter, CompiledModel's run holds the GIL."""
 
     def __init__(self, model, path: Path, signature: _CpuRunner) -> None:
-        self._model, self.path = model, path
-        self.input_shape, self.has_embedding = signature.input_shape, signature.has_embedding
-        key = next(iter(model.get_signature_list()))
-        details = model.get_output_tensor_details(key)
-        shapes = [tuple(int(d) for d in details[o]["shape"]) for o in model.get_signature_list()[key]["outputs"]]
-        self._p, self._e = _output_roles(shapes, str(path))
-        self._sizes = [int(np.prod(s)) for s in shapes]
-        self._inputs = model.create_input_buffers(0)
-        self._outputs = model.create_output_buffers(0)
+        self.path, self.input_shape = path, signature.input_shape
+        self._bind(model, str(path))
 
     @classmethod
     def load(cls, model_path: str, directory: Path, threads: int, signature: _CpuRunner) -> _CachedCpuRunner | None:
@@ -262,12 +277,6 @@ class _CachedCpuRunner:
             return None
         return runner
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        self._inputs[0].write(x.ravel())
-        self._model.run_by_index(0, self._inputs, self._outputs)
-        out = [buf.read(n, np.float32) for buf, n in zip(self._outputs, self._sizes)]
-        return out[self._p].copy(), None if self._e is None else out[self._e].copy()
-
 
 def weight_cache_file(model_path: str | Path, directory: Path) -> Path:
     """Where XNNPACK's packed weights for this model file on this CPU live, in ``directory``."""
@@ -283,7 +292,7 @@ def weight_cache_file(model_path: str | Path, directory: Path) -> Path:
     return Path(directory) / f"{Path(real).stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.xnnpack"
 
 
-class _GpuRunner:
+class _GpuRunner(_CompiledRunner):
     """LiteRT's CompiledModel on the GPU accelerator, proven by the probe before it is used."""
 
     def __init__(self, source: dict, precision: str, name: str, cpu: _CpuRunner) -> None:
@@ -307,15 +316,7 @@ class _GpuRunner:
         dawn = _dawn_facts(logged.text)
         if self._model is None:
             raise ModelError(f"the GPU accelerator failed to load it: {dawn.get('error') or 'no details logged'}", name)
-        signature = self._model.get_signature_list()
-        key = next(iter(signature))
-        details = self._model.get_output_tensor_details(key)
-        shapes = [tuple(int(d) for d in details[o]["shape"]) for o in signature[key]["outputs"]]
-        self._p, self._e = _output_roles(shapes, name)
-        self.has_embedding = self._e is not None
-        self._sizes = [int(np.prod(s)) for s in shapes]
-        self._inputs = self._model.create_input_buffers(0)
-        self._outputs = self._model.create_output_buffers(0)
+        self._bind(self._model, name)
         fully = bool(self._model.is_fully_accelerated())
         self.info = GpuInfo(precision, dawn.get("backend", "WebGPU"), dawn.get("adapter", "unknown"),
                             dawn.get("adapter_type", "unknown"), fully)
@@ -331,12 +332,6 @@ class _GpuRunner:
         if error is not None:
             said = _dawn_facts(logged.text).get("error")
             raise ModelError(error.reason + (f"; the GPU said: {said}" if said else ""), name) from None
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        self._inputs[0].write(x.ravel())
-        self._model.run_by_index(0, self._inputs, self._outputs)
-        out = [buf.read(n, np.float32) for buf, n in zip(self._outputs, self._sizes)]
-        return out[self._p].copy(), None if self._e is None else out[self._e].copy()
 
     def _probe(self, cpu: _CpuRunner, precision: str, name: str) -> dict:
         """The speech clip on the GPU vs the CPU: refuse zeros, non-finite or far-off outputs."""

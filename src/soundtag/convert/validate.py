@@ -21,7 +21,7 @@ from ..model import Cnn14Model
 GATES = {
     "fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4, "embedding_min_corr": 0.99999},
     "fp16": {"min_corr": 0.9999, "max_abs_diff": None},
-    "int8": {"min_corr": 0.99, "max_abs_diff": None, "embedding_min_corr": 0.99},  # a CPU speed variant
+    "int8": {"min_corr": 0.998, "max_abs_diff": None, "embedding_min_corr": 0.99},  # a CPU speed variant (0.99911)
 }
 
 # GPU parity gates (issue #8): the model on LiteRT's GPU accelerator vs the same model on the CPU, per

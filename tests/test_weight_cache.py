@@ -31,7 +31,8 @@ def test_packs_once_and_matches_pytorch(fp32_model, body, cache_dir):
     assert first.weight_cache == weight_cache_file(fp32_model, cache_dir) and first.weight_cache.is_file()
     # the Winograd GEMMs are grouped CONV_2Ds, so nearly all weights are in the cache, not on the heap
     assert first.weight_cache.stat().st_size > 0.9 * fp32_model.stat().st_size
-    assert [p.name for p in cache_dir.iterdir()] == [first.weight_cache.name]  # no temporary left
+    name = first.weight_cache.name
+    assert sorted(p.name for p in cache_dir.iterdir()) == [name, name + ".crc32"]  # no temporary left
     built = first.weight_cache.stat().st_mtime_ns
     p1, e1 = first.run(x)
     second = Cnn14Model(fp32_model, num_threads=2)  # loads the finished file, packs nothing
@@ -60,6 +61,30 @@ def test_key_follows_model_file_and_cpu_runs_without(models, cache_dir, tmp_path
     plain = Cnn14Model(src)
     assert plain.weight_cache is None
     np.testing.assert_allclose(ma(x), plain(x), atol=1e-6, rtol=0)
+
+
+def test_damaged_cache_is_rebuilt_not_run(models, cache_dir, caplog):
+    """Garbage in the packed weights (XNNPACK checks only its header): the checksum catches it, the
+    file is rebuilt, and the outputs are the undamaged ones."""
+    path = models / "cnn14_audioset_int8.tflite"
+    x = probe_input()
+    first = Cnn14Model(path)
+    want = first(x)
+    cache = first.weight_cache
+    del first
+    with open(cache, "r+b") as f:
+        f.seek(cache.stat().st_size // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+    with caplog.at_level("WARNING", logger="soundtag.model"):
+        again = Cnn14Model(path)
+    assert any("does not match its checksum" in r.getMessage() for r in caplog.records)
+    assert again.weight_cache == cache
+    np.testing.assert_allclose(again(x), want, atol=1e-6, rtol=0)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="soundtag.model"):
+        third = Cnn14Model(path)  # maps the rebuilt file
+    assert third.weight_cache == cache and not caplog.records
+    np.testing.assert_allclose(third(x), want, atol=1e-6, rtol=0)
 
 
 def test_unwritable_cache_falls_back_to_the_heap(fp32_model, tmp_path, monkeypatch, caplog):

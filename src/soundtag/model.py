@@ -9,8 +9,11 @@ the CPU through ``CompiledModel`` with XNNPACK's weight cache: XNNPACK packs eve
 dense layer's weights into a file (once per model and CPU, under paths.weight_cache_dir()) and maps
 it, so the process holds the packed weights once, as file pages that every process on the model
 shares, instead of the model's pages plus a private packed copy on the heap (issue #12: fp32 peak RSS
-1520 -> 845 MB). Flatbuffer bytes (the converter's checks), $SOUNDTAG_WEIGHT_CACHE=0, or a cache
-directory that cannot be written take LiteRT's Interpreter, which packs on the heap. A GPU can return wrong numbers without raising anything (a buffer over WebGPU's binding limit
+1326 -> 736 MB for a 596 MiB model). Flatbuffer bytes (the converter's checks),
+$SOUNDTAG_WEIGHT_CACHE=0, or a cache directory that cannot be written take LiteRT's Interpreter,
+which packs on the heap.
+
+A GPU can return wrong numbers without raising anything (a buffer over WebGPU's binding limit
 reads as zeros), so a GPU model is only accepted after a probe: the shipped speech clip through the
 GPU and through the CPU, compared against PROBE_GATES.
 """
@@ -25,6 +28,7 @@ import logging
 import os
 import re
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +37,7 @@ import numpy as np
 from . import features
 from .errors import InferenceError, ModelError
 from .features import CLIP_SAMPLES, N_FRAMES, N_MELS
+from .files import atomic_write_bytes
 from .labels import NUM_CLASSES
 from .paths import weight_cache_dir
 
@@ -242,7 +247,9 @@ class _CachedCpuRunner(_CompiledRunner):
     """LiteRT's CompiledModel on the CPU (XNNPACK) with XNNPACK's weight cache file (see the module
     docstring). The file's name holds the model's path, size and mtime, LiteRT's version and the CPU's
     flags, so a changed model or another CPU never reads a stale packing; it is built under a
-    temporary name and renamed into place, so concurrent first loads never see a partial file.
+    temporary name and renamed into place, so concurrent first loads never see a partial file, with
+    a CRC-32 beside it that every load checks: XNNPACK would run damaged packed weights silently (4 KiB
+    of garbage in the int8 cache moved probabilities by 0.72), so a mismatch rebuilds the file.
     Unlike the Interpreter, CompiledModel's run holds the GIL."""
 
     def __init__(self, model, path: Path, signature: _CpuRunner) -> None:
@@ -257,7 +264,13 @@ class _CachedCpuRunner(_CompiledRunner):
 
         path = weight_cache_file(model_path, directory)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        target = path if path.is_file() and path.stat().st_size > 0 else tmp
+        check = path.with_name(path.name + ".crc32")  # the finished file's checksum, written with it
+        target = tmp
+        if path.is_file():
+            if _checksum_ok(path, check):
+                target = path
+            else:  # XNNPACK would run damaged packed weights without a word: never use them
+                log.warning("XNNPACK weight cache %s does not match its checksum: rebuilding it", path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             options = Options(hardware_accelerators=HardwareAccelerator.CPU,
@@ -268,6 +281,7 @@ class _CachedCpuRunner(_CompiledRunner):
             if target == tmp:
                 if not tmp.is_file() or tmp.stat().st_size == 0:
                     raise OSError(f"LiteRT wrote no weight cache to {tmp}")
+                atomic_write_bytes(check, f"{_crc32(tmp):08x} {tmp.stat().st_size}\n".encode())
                 os.replace(tmp, path)  # the mapping stays valid; others now find the finished file
         except (OSError, RuntimeError, ValueError) as exc:
             log.warning("XNNPACK weight cache not used for %s (weights packed on the heap): %s", model_path,
@@ -276,6 +290,24 @@ class _CachedCpuRunner(_CompiledRunner):
                 tmp.unlink()
             return None
         return runner
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _checksum_ok(path: Path, check: Path) -> bool:
+    """Whether a weight cache file is whole and unchanged since it was built (CRC-32 and size, ~0.2 s
+    for fp32's 700 MB: XNNPACK checks its header, not the packed weights)."""
+    try:
+        want = check.read_text().split()
+        return len(want) == 2 and int(want[1]) == path.stat().st_size and int(want[0], 16) == _crc32(path)
+    except (OSError, ValueError):
+        return False
 
 
 def weight_cache_file(model_path: str | Path, directory: Path) -> Path:

@@ -20,6 +20,7 @@ GPU and through the CPU, compared against PROBE_GATES.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import glob
@@ -28,6 +29,7 @@ import logging
 import os
 import re
 import tempfile
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,10 +224,20 @@ class _CpuRunner:
 
 
 class _CompiledRunner:
-    """Runs one LiteRT CompiledModel (CPU or GPU) through its first signature's tensor buffers."""
+    """Runs one LiteRT CompiledModel (CPU or GPU) through its first signature's tensor buffers.
+
+    LiteRT writes a line to stderr for every accelerator it registers or destroys with an
+    environment: a model's own (built in the loaders' ``_native_log``, released in ``close``, on
+    garbage collection or at exit) and a process-wide one that the first run creates and only the C++
+    runtime's exit destroys. Those lines go to the DEBUG log, or after the last Python code has run, to
+    /dev/null (``_close_compiled_models``), never into a command's one-line error."""
+
+    _alive: weakref.WeakSet = weakref.WeakSet()
+    _ran = False  # has any CompiledModel run in this process (so the process-wide environment exists)
 
     def _bind(self, model, name: str) -> None:
         self._model = model
+        _CompiledRunner._alive.add(self)
         signature = model.get_signature_list()
         key = next(iter(signature))
         details = model.get_output_tensor_details(key)
@@ -237,10 +249,43 @@ class _CompiledRunner:
         self._outputs = model.create_output_buffers(0)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        self._inputs[0].write(x.ravel())
-        self._model.run_by_index(0, self._inputs, self._outputs)
+        if _CompiledRunner._ran:
+            self._inputs[0].write(x.ravel())
+            self._model.run_by_index(0, self._inputs, self._outputs)
+        else:
+            with _native_log():  # the first write creates LiteRT's process-wide environment, and says so
+                self._inputs[0].write(x.ravel())
+                self._model.run_by_index(0, self._inputs, self._outputs)
+            _CompiledRunner._ran = True
         out = [buf.read(n, np.float32) for buf, n in zip(self._outputs, self._sizes)]
         return out[self._p].copy(), None if self._e is None else out[self._e].copy()
+
+    def close(self) -> None:
+        held = [self.__dict__.pop(k, None) for k in ("_inputs", "_outputs", "_model")]
+        if any(h is not None for h in held):
+            with contextlib.suppress(Exception), _native_log():
+                del held[:]
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@atexit.register
+def _close_compiled_models() -> None:
+    """At exit: release the models still alive (their lines to the DEBUG log); then, if LiteRT's
+    process-wide environment exists, point stderr at /dev/null for the C++ runtime's own teardown,
+    which logs each accelerator it destroys after every Python handler has run. Python has printed
+    any traceback before atexit runs; what is lost is the teardown's own chatter."""
+    for runner in list(_CompiledRunner._alive):
+        runner.close()
+    if _CompiledRunner._ran:
+        import sys
+
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sys.stderr.flush()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
 
 
 class _CachedCpuRunner(_CompiledRunner):
@@ -277,7 +322,7 @@ class _CachedCpuRunner(_CompiledRunner):
                               cpu_options=CpuOptions(num_threads=threads, xnnpack_weight_cache_path=str(target)))
             with _native_log():  # LiteRT's environment and accelerator lines: to the DEBUG log
                 model = CompiledModel.from_file(model_path, options=options)
-            runner = cls(model, path, signature)
+                runner = cls(model, path, signature)
             if target == tmp:
                 if not tmp.is_file() or tmp.stat().st_size == 0:
                     raise OSError(f"LiteRT wrote no weight cache to {tmp}")
@@ -425,14 +470,21 @@ def gpu_missing() -> str | None:
 class _native_log(contextlib.AbstractContextManager):
     """Captures what LiteRT, Dawn and the Vulkan loader write to file descriptors 1 and 2 while a GPU
     model loads and runs its probe (a few dozen lines; one of them goes to stdout, where it would mix
-    with results), logs it at DEBUG and keeps it in ``.text`` for the facts it holds."""
+    with results), logs it at DEBUG and keeps it in ``.text`` for the facts it holds. Nested, only the
+    outermost captures (the inner one's ``.text`` stays empty), so the GPU probe still sees what a
+    first run inside it says."""
+
+    _depth = 0
 
     def __enter__(self):
         import sys
 
         self.text = ""
-        self._file = tempfile.TemporaryFile()
         self._saved = []
+        _native_log._depth += 1
+        if _native_log._depth > 1:
+            return self
+        self._file = tempfile.TemporaryFile()
         for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
             try:
                 stream.flush()
@@ -443,6 +495,9 @@ class _native_log(contextlib.AbstractContextManager):
         return self
 
     def __exit__(self, *exc):
+        _native_log._depth -= 1
+        if _native_log._depth > 0:
+            return False
         for fd, saved in self._saved:
             os.dup2(saved, fd)
             os.close(saved)

@@ -249,14 +249,11 @@ class _CompiledRunner:
         self._outputs = model.create_output_buffers(0)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if _CompiledRunner._ran:
+        # the first write creates LiteRT's process-wide environment, and says so on stderr
+        with contextlib.nullcontext() if _CompiledRunner._ran else _native_log():
             self._inputs[0].write(x.ravel())
             self._model.run_by_index(0, self._inputs, self._outputs)
-        else:
-            with _native_log():  # the first write creates LiteRT's process-wide environment, and says so
-                self._inputs[0].write(x.ravel())
-                self._model.run_by_index(0, self._inputs, self._outputs)
-            _CompiledRunner._ran = True
+        _CompiledRunner._ran = True
         out = [buf.read(n, np.float32) for buf, n in zip(self._outputs, self._sizes)]
         return out[self._p].copy(), None if self._e is None else out[self._e].copy()
 

@@ -530,9 +530,9 @@ def _describe_layout(layout: tuple) -> str:
     parts = []
     if blocks:
         def tile(m: int, bs: list[int]) -> str:
-            two = [b for b in bs if m == 2 and features.N_MELS >> (b - 1) == 2]  # WidthTwoConv3x3's blocks
             text = f"F({m}x{m},3x3) in block{'s' if len(bs) > 1 else ''} {', '.join(map(str, bs))}"
-            return text + (" as 12 GEMMs (2 wide: Karatsuba across the columns)" if two == bs else "")
+            two = m == 2 and all(features.N_MELS >> (b - 1) == 2 for b in bs)  # WidthTwoConv3x3's blocks
+            return text + (" as 12 GEMMs (2 wide: Karatsuba across the columns)" if two else "")
         parts.append("winograd " + ", ".join(tile(m, bs) for m, bs in _by_tile(blocks))
                      + (f" (GEMMs over groups of {winograd_group} input channels)" if winograd_group else ""))
     parts.append(("direct elsewhere" if blocks else "direct")

@@ -37,7 +37,7 @@ class Piece(nn.Module):
         if self.stage <= 6:
             for conv in e.convs[2 * self.stage - 2 : 2 * self.stage]:
                 x = conv(x)
-            return F.avg_pool2d(x, 2) if e.pools[self.stage - 1] > 1 else x
+            return F.avg_pool2d(x, 2) if e.pools[self.stage - 1] > 1 and not e.pooled[self.stage - 1] else x
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)
         return torch.sigmoid(F.linear(F.relu(F.linear(x, *e.fc1)), *e.fc2))

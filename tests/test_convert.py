@@ -43,7 +43,8 @@ def test_report_gates_and_files(models):
     assert fp32["convolutions"] == ("winograd F(4x4,3x3) in blocks 2, 3, 4, 5, F(2x2,3x3) in block 6 as 12 GEMMs (2 wide: "
                                     "Karatsuba across the columns) (GEMMs over groups of 256 input channels), direct elsewhere")
     assert "BATCH_MATMUL" not in ops32
-    assert ops32["FULLY_CONNECTED"] == 10 + 2  # the output transforms, fc1 and fc_audioset
+    # the output transforms, the 2x2 average pools of blocks 2-5 inside their tiles, fc1 and fc_audioset
+    assert ops32["FULLY_CONNECTED"] == 10 + 4 + 2 and ops32["AVERAGE_POOL_2D"] == 1  # block 1's (direct)
     # 2 direct + 10 Winograd input transforms (depthwise) + the GEMM parts
     assert ops32["CONV_2D"] + ops32.get("DEPTHWISE_CONV_2D", 0) == 2 + 10 + sum(-(-c // 256) for c in cins[2:]) == 37
     assert "DEQUANTIZE" not in fp32["graph"]["ops"]
@@ -169,6 +170,10 @@ def test_winograd_conv_matches_direct(cin, cout, h, w, m):
         for group in (None, 4, 3) if gemm == "bmm" else [g for g in (None, 1, 2, 4) if g is None or cin % g == 0]:
             conv = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous(), group, m, gemm)
             torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
+            # with the block's 2 x 2 average pool inside the tiles (bias in the GEMMs, pooling by a GEMM)
+            pooled = WinogradConv3x3(weight, bias, h, w, lambda t: t.detach().double().contiguous(), group, m, gemm,
+                                     pool=2)
+            torch.testing.assert_close(pooled(x), torch.nn.functional.avg_pool2d(ref, 2), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("cin, cout, h", [(3, 5, 7), (8, 4, 31), (16, 16, 2), (4, 6, 1)])

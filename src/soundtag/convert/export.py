@@ -100,19 +100,23 @@ class _ExportBody(nn.Module):
         self.bn0_scale = const(scale.reshape(1, 1, 1, -1))
         self.bn0_shift = const(shift.reshape(1, 1, 1, -1))
         self.convs: list = []  # callables x -> relu(conv(x) + b), two per block
+        self.pooled: list[bool] = []  # per block: its second convolution also average-pools (in its tiles)
         h, w = features.N_FRAMES, features.N_MELS
         for number, (block, pool) in enumerate(zip(body.blocks(), Cnn14Body.POOLS), 1):
+            m = winograd.get(number)
+            # block 6 (2 wide): WidthTwoConv3x3's 12 GEMMs, not 16; F(m x m) with an even m pools in its tiles
+            form = WidthTwoConv3x3 if (m, w) == (2, 2) else WinogradConv3x3
+            self.pooled.append(form is WinogradConv3x3 and pool == 2 and m is not None and m % 2 == 0)
             for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2)):
                 s, t = _bn_affine(bn)
                 weight = conv.weight.detach().double() * s.reshape(-1, 1, 1, 1)
-                if number in winograd:
-                    m = winograd[number]
-                    form = WidthTwoConv3x3 if (m, w) == (2, 2) else WinogradConv3x3  # block 6: 12 GEMMs, not 16
-                    self.convs.append(form(weight, t, h, w, const, winograd_group, m, gemm))
-                else:
+                if m is None:
                     self.convs.append(_DirectConv(weight, t, const, direct_group))
+                elif conv is block.conv2 and self.pooled[-1]:
+                    self.convs.append(form(weight, t, h, w, const, winograd_group, m, gemm, pool=2))
+                else:
+                    self.convs.append(form(weight, t, h, w, const, winograd_group, m, gemm))
             h, w = h // pool, w // pool
-        self.winograd = winograd
         self.pools = Cnn14Body.POOLS
         self.fc1 = (const(body.fc1.weight), const(body.fc1.bias))
         self.fc2 = (const(body.fc_audioset.weight), const(body.fc_audioset.bias))
@@ -124,7 +128,7 @@ class _ExportBody(nn.Module):
         for i, pool in enumerate(self.pools):
             for conv in self.convs[2 * i : 2 * i + 2]:
                 x = conv(x)
-            if pool > 1:
+            if pool > 1 and not self.pooled[i]:
                 x = F.avg_pool2d(x, pool)
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)

@@ -66,7 +66,8 @@ def transforms(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class WinogradConv3x3:
-    """relu(conv2d(x, w, b, padding=1)) for a fixed input size [1, Cin, H, W], as F(m x m, 3x3).
+    """relu(conv2d(x, w, b, padding=1)) for a fixed input size [1, Cin, H, W], as F(m x m, 3x3); with
+    ``pool=2`` (m even) avg_pool2d of that, 2 x 2, computed inside the output tiles.
 
     ``group`` input channels at most per GEMM: the GEMMs are split along their reduction axis
     (Cin) into parts whose outputs are added, so no GPU accumulation runs over more than ``group``
@@ -77,7 +78,7 @@ class WinogradConv3x3:
     the m x m output tile. Subclasses choose other components (WidthTwoConv3x3)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, height: int, width: int, const,
-                 group: int | None = None, m: int = 2, gemm: str = "conv") -> None:
+                 group: int | None = None, m: int = 2, gemm: str = "conv", pool: int = 1) -> None:
         at, g, bt = (torch.from_numpy(a) for a in transforms(m))
         n = m + KERNEL - 1
         u = torch.einsum("ia,koab,jb->ijok", g, weight.double(), g).reshape(n * n, *weight.shape[1::-1])  # [n², Cin, Cout]
@@ -85,10 +86,11 @@ class WinogradConv3x3:
         # A^T M A as one GEMM by (A^T (x) A^T)^T [n², m²], a constant right-hand side (the GPU delegate
         # does not take a constant left-hand side)
         out = torch.einsum("ia,jb->ijab", at, at).reshape(m * m, n * n).t()
-        self._setup(weight, bias, height, width, const, group, m, gemm, u, tile, (m, m), out)
+        self._setup(weight, bias, height, width, const, group, m, gemm, u, tile, (m, m), out, pool)
 
-    def _setup(self, weight, bias, height, width, const, group, m, gemm, u, tile, stride, out) -> None:
+    def _setup(self, weight, bias, height, width, const, group, m, gemm, u, tile, stride, out, pool=1) -> None:
         assert gemm in GEMM_FORMS, gemm
+        assert pool == 1 or (pool == 2 and m % 2 == 0 and stride == (m, m)), (pool, m, stride)
         cout, cin = weight.shape[:2]
         self.m, self.k = m, u.shape[0]
         self.cin, self.cout, self.h, self.w = cin, cout, height, width
@@ -106,6 +108,23 @@ class WinogradConv3x3:
         self.input_kernel, self.stride = const(tile), stride
         self.output_matrix = const(out)  # [K, m²]
         self.bias = const(bias.reshape(1, cout, 1, 1))
+        self.pool = pool
+        if pool == 2:
+            # The bias enters the GEMMs at the component whose output-transform row is all ones (the
+            # point 1 in both directions), so the ReLU follows the output GEMM directly; then the 2 x 2
+            # average pool inside each m x m tile is one more GEMM by a constant [m², (m/2)²], and only
+            # a quarter of the pixels are shuffled back into the map (no AVERAGE_POOL_2D, no ADD)
+            ones = [k for k in range(self.k) if bool(torch.all(out[k] == 1))]
+            assert ones, "no output-transform row of ones to carry the bias"
+            gemm_bias = torch.zeros(self.k, cout, dtype=torch.float64)
+            gemm_bias[ones[0]] = bias.reshape(-1)
+            self.gemm_bias = const(gemm_bias.reshape(self.k, 1, cout) if gemm == "bmm" else gemm_bias.reshape(-1))
+            q = m // 2
+            pooling = torch.zeros(m, m, q, q, dtype=torch.float64)
+            for a in range(m):
+                for b in range(m):
+                    pooling[a, b, a // 2, b // 2] = 0.25
+            self.pool_matrix = const(pooling.reshape(m * m, q * q))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h, w, th, tw, cout, m, k, cin = self.h, self.w, self.th, self.tw, self.cout, self.m, self.k, self.cin
@@ -123,6 +142,8 @@ class WinogradConv3x3:
             for j, u in enumerate(self.u):  # [K, tiles, Cout], summed over the groups of input channels
                 part = torch.bmm(v if parts == 1 else v[:, :, j * self.group : (j + 1) * self.group], u)
                 p = part if p is None else p + part
+            if self.pool == 2:
+                p = p + self.gemm_bias
             p = p.permute(1, 2, 0)  # [tiles, Cout, K]
         else:
             v = v.reshape(parts, self.group, tiles, k).permute(0, 2, 3, 1)  # [parts, tiles, K, group]
@@ -130,10 +151,16 @@ class WinogradConv3x3:
                 # the NCHW view of the NHWC [1, tiles, 1, K group], so the converter's layout
                 # transposes cancel; groups=K: the K GEMMs of one part in one CONV_2D
                 vj = v[j].reshape(1, tiles, 1, k * self.group).permute(0, 3, 1, 2)
-                part = F.conv2d(vj, u, groups=k).permute(0, 2, 3, 1)  # [1, tiles, 1, K Cout]
+                gemm_bias = self.gemm_bias if self.pool == 2 and j == 0 else None
+                part = F.conv2d(vj, u, gemm_bias, groups=k).permute(0, 2, 3, 1)  # [1, tiles, 1, K Cout]
                 p = part if p is None else p + part
             p = p.reshape(tiles, k, cout).permute(0, 2, 1)  # [tiles, Cout, K]
         y = torch.matmul(p, self.output_matrix)  # [tiles, Cout, m²]
+        if self.pool == 2:  # avg_pool2d(relu(conv), 2): rows and columns past an odd size's last pair dropped
+            q = m // 2
+            y = torch.matmul(F.relu(y), self.pool_matrix)  # [tiles, Cout, (m/2)²]
+            y = y.reshape(th * tw, cout * q * q).permute(1, 0).reshape(1, cout * q * q, th, tw)
+            return F.pixel_shuffle(y, q)[:, :, : h // 2, : w // 2]
         y = y.reshape(th * tw, cout * m * m).permute(1, 0).reshape(1, cout * m * m, th, tw)
         y = F.pixel_shuffle(y, m)[:, :, :h, :w]
         return F.relu(y + self.bias)

@@ -1,0 +1,152 @@
+"""Where int8's error comes from: its weights or its activations (issue #12, item 3).
+
+    python -m bench.int8_error [--scenes 6] [--chunk 32]
+
+LiteRT runs the int8 model with XNNPACK's dynamic-range kernels: weights int8 per output channel
+(symmetric, scale max|w| / 127), each activation tensor quantized at run time to int8 with one
+asymmetric scale per batch element, int32 accumulation, float32 out. This replays that arithmetic in
+float64 PyTorch on the folded CNN14 body, quantizing weights and activations separately, so each error
+source can be switched off alone; the first two rows run the real LiteRT int8 models beside it, to
+show the replay is faithful. Fidelity is corr of the 527 probabilities vs the float64 body (min and
+mean over the converter's validation inputs and the bench's scenes), as bench/int8_layers.py reports.
+
+Variants: the shipped float32 layers (export.INT8_FLOAT_LAYERS) with weights only / activations only
+quantized, the dense layers in float, activations with one scale per ``--chunk`` frames (what batching
+the time axis would give XNNPACK's per-batch scales), and cross-layer equalization (Nagel et al. 2019:
+each channel rescaled between consecutive convolutions, exact through ReLU and average pooling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("SOUNDTAG_BENCH_CACHE", ROOT / ".test-cache"))
+
+
+def quantize_activation(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """x through XNNPACK's dynamic int8 (qd8): one asymmetric scale whose range holds 0; ``chunk``: one
+    per ``chunk`` rows of the time axis (dim 2) instead."""
+    if chunk and x.dim() == 4:
+        return torch.cat([quantize_activation(x[:, :, i : i + chunk]) for i in range(0, x.shape[2], chunk)], 2)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zero = round(-128 - lo / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
+
+
+def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per output channel (ai-edge-quantizer's dynamic recipe)."""
+    scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127
+    return torch.round(w / torch.where(scale > 0, scale, 1.0)) * scale
+
+
+class Replay:
+    """The folded body (direct layout) in float64 with switchable quantization per layer."""
+
+    def __init__(self, export_body) -> None:
+        e = export_body
+        self.bn0 = (e.bn0_scale.double(), e.bn0_shift.double())
+        self.convs = [(c.weights[0].double(), c.bias.double()) for c in e.convs]
+        self.fcs = [(w.double(), b.double()) for w, b in (e.fc1, e.fc2)]
+        self.pools = e.pools
+
+    def equalized(self, rounds: int = 4) -> Replay:
+        """A copy with cross-layer equalization: per channel c between conv i and conv i + 1, W_i[c] and
+        b_i[c] divided by s_c, W_{i+1}[:, c] multiplied by it, s_c = sqrt(r1 / r2) of their ranges."""
+        out = object.__new__(Replay)
+        out.__dict__.update(self.__dict__)
+        convs = [[w.clone(), b.clone()] for w, b in self.convs]
+        for _ in range(rounds):
+            for i in range(len(convs) - 1):
+                (w1, b1), (w2, _) = convs[i], convs[i + 1]
+                r1, r2 = w1.abs().amax(dim=(1, 2, 3)), w2.abs().amax(dim=(0, 2, 3))
+                s = torch.sqrt(r1 / r2).clamp(1e-3, 1e3)
+                convs[i] = [w1 / s.reshape(-1, 1, 1, 1), b1 / s]
+                convs[i + 1][0] = w2 * s.reshape(1, -1, 1, 1)
+        out.convs = [tuple(c) for c in convs]
+        return out
+
+    def __call__(self, logmel: np.ndarray, weights: bool = True, activations: bool = True,
+                 float_layers: tuple[str, ...] = (), chunk: int | None = None) -> np.ndarray:
+        from soundtag.convert.export import INT8_LAYERS
+
+        def layer(name, x, w):
+            q = name not in float_layers
+            return (quantize_activation(x, chunk) if q and activations else x), (quantize_weight(w) if q and weights else w)
+
+        names = iter(INT8_LAYERS)
+        x = torch.from_numpy(logmel).double() * self.bn0[0] + self.bn0[1]
+        for i, pool in enumerate(self.pools):
+            for w, b in self.convs[2 * i : 2 * i + 2]:
+                xq, wq = layer(next(names), x, w)
+                x = F.relu(F.conv2d(xq, wq, b, padding=1))
+            if pool > 1:
+                x = F.avg_pool2d(x, pool)
+        x = x.mean(dim=3)
+        x = torch.amax(x, dim=2) + x.mean(dim=2)
+        (w1, b1), (w2, b2) = self.fcs
+        xq, wq = layer(next(names), x, w1)
+        x = F.relu(F.linear(xq, wq, b1))
+        xq, wq = layer(next(names), x, w2)
+        return torch.sigmoid(F.linear(xq, wq, b2))[0].numpy()
+
+
+def corrs(outputs: dict, reference: dict) -> tuple[float, float]:
+    c = [float(np.corrcoef(outputs[k], reference[k])[0, 1]) for k in reference]
+    return min(c), float(np.mean(c))
+
+
+def main() -> None:
+    from bench.int8_layers import scene_inputs
+    from bench.machine import cpu_line
+    from soundtag.convert.cnn14 import load_body
+    from soundtag.convert.export import (INT8_FLOAT_LAYERS, LAYOUTS, _ExportBody, to_fp32_tflite, to_int8_tflite,
+                                         validation_inputs)
+    from soundtag.convert.validate import run_tflite
+    from tests.fixtures import cached_checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenes", type=int, default=6, help="bench scenes besides the four validation inputs")
+    ap.add_argument("--chunk", type=int, default=32, help="frames per activation scale in the chunked variant")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    body = load_body(cached_checkpoint(CACHE))
+    inputs = {**validation_inputs(), **scene_inputs(args.scenes)}
+    replay = Replay(_ExportBody(body))  # direct, unsplit: the int8 layout
+    with torch.inference_mode():
+        reference = {k: replay(v, weights=False, activations=False) for k, v in inputs.items()}
+        fp32 = to_fp32_tflite(body, LAYOUTS["int8"], embedding=False)
+        ship = INT8_FLOAT_LAYERS
+        rows = []
+        for label, keep in (("all int8", ()), (f"shipped ({', '.join(ship)} float32)", ship)):
+            real = {k: v.astype(np.float64) for k, v in run_tflite(to_int8_tflite(fp32, keep), inputs).probs.items()}
+            rows.append((label + ": LiteRT", corrs(real, reference)))
+            rows.append((label + ": replay", corrs({k: replay(v, float_layers=keep) for k, v in inputs.items()}, reference)))
+        variants = {
+            "shipped, weights only int8 (activations float)": dict(activations=False),
+            "shipped, activations only int8 (weights float)": dict(weights=False),
+            "shipped, fc1 and fc_audioset float too": dict(extra=("fc1", "fc_audioset")),
+            f"shipped, one activation scale per {args.chunk} frames": dict(chunk=args.chunk),
+        }
+        for label, kw in variants.items():
+            keep = ship + kw.pop("extra", ())
+            rows.append((label, corrs({k: replay(v, float_layers=keep, **kw) for k, v in inputs.items()}, reference)))
+        equalized = replay.equalized()
+        rows.append(("shipped, cross-layer equalized", corrs({k: equalized(v, float_layers=ship) for k, v in inputs.items()},
+                                                             reference)))
+    print(f"Machine: {cpu_line()} (fidelity does not depend on it); synthetic CNN14, {len(inputs)} inputs\n")
+    print("| int8 arithmetic | min corr vs PyTorch | mean corr | 1 - min corr |")
+    print("|---|---|---|---|")
+    for label, (lo, mean) in rows:
+        print(f"| {label} | {lo:.5f} | {mean:.5f} | {1 - lo:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -172,6 +172,8 @@ def test_tag_waveform_any_rate(tagger, tmp_path):
     assert corr(a.clip_scores, b.clip_scores) >= 0.99999
     with pytest.raises(ValueError, match="non-finite"):
         tagger.tag_waveform(np.array([0.0, np.nan] * 1000), 16000)
+    with pytest.raises(ValueError, match="non-empty"):  # [frames, 0 channels]: no audio, not silence
+        tagger.tag_waveform(np.zeros((32000, 0), np.float32))
 
 
 def test_wrong_model_signature(tmp_path, fp32_model):

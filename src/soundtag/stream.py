@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import features
-from .audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from .audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, downmix
 from .errors import AudioError, OptionsError
 from .labels import labels
 from .results import Category, Event, tags_record
@@ -105,7 +105,7 @@ class TagStream:
         if x.size and not np.isfinite(x).all():
             raise AudioError(f"non-finite sample (NaN or Inf) near {self.duration_s:.3f} s")
         self._frames += x.shape[0]
-        mono = (x * np.float32(1.0 / self.channels)).sum(axis=1, dtype=np.float32) if self.channels > 1 else x[:, 0]
+        mono = downmix(x)
         if self._resampler is not None:
             mono = self._resampler.resample_chunk(mono)
         return self._tag(self._cutter.push(mono), arrived)

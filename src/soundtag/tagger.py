@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import features
-from .audio import DEFAULT_MAX_DURATION_S, AudioStream
+from .audio import DEFAULT_MAX_DURATION_S, AudioStream, downmix
 from .errors import AudioError, ModelError, OptionsError
 from .labels import NUM_CLASSES
 from .model import ACCELERATORS, GPU_PRECISIONS, Cnn14Model
@@ -147,8 +147,8 @@ class Tagger:
         import soxr
 
         x = np.asarray(waveform, dtype=np.float32)
-        if x.ndim == 2:
-            x = (x * np.float32(1.0 / x.shape[1])).sum(axis=1, dtype=np.float32)
+        if x.ndim == 2 and x.shape[1] > 0:
+            x = downmix(x)
         if x.ndim != 1 or x.size == 0:
             raise AudioError("waveform must be a non-empty 1-D array (or [samples, channels])", path)
         if not np.isfinite(x).all():

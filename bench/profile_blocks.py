@@ -44,8 +44,17 @@ class Piece(nn.Module):
 
 
 # how a block's two convolutions are computed: direct, or Winograd F(m x m) with the GEMMs as grouped
-# CONV_2Ds (shipped: cacheable weights) or as BATCH_MATMULs
-FORMS = {"direct": None, "F(2x2)": (2, "conv"), "F(4x4)": (4, "conv"), "F(2x2) bmm": (2, "bmm"), "F(4x4) bmm": (4, "bmm")}
+# CONV_2Ds (shipped: cacheable weights) or as BATCH_MATMULs; "pool after": the 2x2 average pool as its
+# own op after the shuffled-back map, not inside the output tiles (the layout before issue #12's last step)
+FORMS = {"direct": None, "F(2x2)": (2, "conv"), "F(4x4)": (4, "conv"), "F(4x4) pool after": (4, "conv", False),
+         "F(4x4) bmm": (4, "bmm")}
+
+
+def pool_after(export, stage: int) -> None:
+    """The block's second convolution without its in-tile pooling: avg_pool2d follows it again."""
+    if export.pooled[stage - 1]:
+        export.convs[2 * stage - 1].pool = 1  # the bias then goes in after the output transform
+        export.pooled[stage - 1] = False
 
 
 def main() -> None:
@@ -71,6 +80,8 @@ def main() -> None:
         for form, m in forms.items():
             export = _ExportBody(body, {stage: m[0]} if m else {}, False, None, group if m else None,
                                  m[1] if m else "conv").eval()
+            if m and len(m) > 2 and not m[2]:
+                pool_after(export, stage)
             piece = Piece(export, stage).eval()
             with torch.inference_mode():
                 y = piece(x) if y is None else y

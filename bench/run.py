@@ -1,6 +1,6 @@
 """Speed and memory of soundtag (fp32, fp16, int8) against the PyTorch reference path, in one run.
 
-    python -m bench.run [--clips 20] [--rounds 3] [--long-minutes 10] [--markdown]
+    python -m bench.run [--clips 20] [--rounds 3] [--long-minutes 10] [--json FILE] [--memory-only]
 
 Reference path (panns_inference style): librosa.load(sr=32000) -> torchlibrosa front end -> CNN14 in
 eager PyTorch, same synthetic checkpoint. Variants are interleaved file by file (A B C D A B C D ...)

@@ -37,7 +37,7 @@ class Piece(nn.Module):
         if self.stage <= 6:
             for conv in e.convs[2 * self.stage - 2 : 2 * self.stage]:
                 x = conv(x)
-            return F.avg_pool2d(x, 2) if e.pools[self.stage - 1] > 1 and not e.pooled[self.stage - 1] else x
+            return F.avg_pool2d(x, 2) if e.pools[self.stage - 1] > 1 and not e.pools_in_tiles(self.stage - 1) else x
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)
         return torch.sigmoid(F.linear(F.relu(F.linear(x, *e.fc1)), *e.fc2))
@@ -52,9 +52,8 @@ FORMS = {"direct": None, "F(2x2)": (2, "conv"), "F(4x4)": (4, "conv"), "F(4x4) p
 
 def pool_after(export, stage: int) -> None:
     """The block's second convolution without its in-tile pooling: avg_pool2d follows it again."""
-    if export.pooled[stage - 1]:
+    if export.pools_in_tiles(stage - 1):
         export.convs[2 * stage - 1].pool = 1  # the bias then goes in after the output transform
-        export.pooled[stage - 1] = False
 
 
 def main() -> None:

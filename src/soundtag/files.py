@@ -6,6 +6,7 @@ import errno
 import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import OutputError
@@ -29,12 +30,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def file_chunks(path: str | Path) -> Iterator[bytes]:
+    """A file's bytes in chunks of CHUNK_BYTES (digests and checksums of big files)."""
+    with open(path, "rb") as f:
+        yield from iter(lambda: f.read(CHUNK_BYTES), b"")
+
+
 def file_digest(path: str | Path, algorithm: str = "md5") -> str:
     """Hex digest of a file, read in chunks."""
     h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
-            h.update(chunk)
+    for chunk in file_chunks(path):
+        h.update(chunk)
     return h.hexdigest()
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from . import features
 from .errors import InferenceError, ModelError
 from .features import CLIP_SAMPLES, N_FRAMES, N_MELS
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, file_chunks
 from .labels import NUM_CLASSES
 from .paths import weight_cache_dir
 
@@ -336,9 +336,8 @@ class _CachedCpuRunner(_CompiledRunner):
 
 def _crc32(path: Path) -> int:
     crc = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(chunk, crc)
+    for chunk in file_chunks(path):
+        crc = zlib.crc32(chunk, crc)
     return crc
 
 

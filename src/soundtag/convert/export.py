@@ -100,22 +100,20 @@ class _ExportBody(nn.Module):
         self.bn0_scale = const(scale.reshape(1, 1, 1, -1))
         self.bn0_shift = const(shift.reshape(1, 1, 1, -1))
         self.convs: list = []  # callables x -> relu(conv(x) + b), two per block
-        self.pooled: list[bool] = []  # per block: its second convolution also average-pools (in its tiles)
         h, w = features.N_FRAMES, features.N_MELS
         for number, (block, pool) in enumerate(zip(body.blocks(), Cnn14Body.POOLS), 1):
             m = winograd.get(number)
             # block 6 (2 wide): WidthTwoConv3x3's 12 GEMMs, not 16; F(m x m) with an even m pools in its tiles
             form = WidthTwoConv3x3 if (m, w) == (2, 2) else WinogradConv3x3
-            self.pooled.append(form is WinogradConv3x3 and pool == 2 and m is not None and m % 2 == 0)
+            in_tiles = form is WinogradConv3x3 and pool == 2 and m is not None and m % 2 == 0
             for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2)):
                 s, t = _bn_affine(bn)
                 weight = conv.weight.detach().double() * s.reshape(-1, 1, 1, 1)
                 if m is None:
                     self.convs.append(_DirectConv(weight, t, const, direct_group))
-                elif conv is block.conv2 and self.pooled[-1]:
-                    self.convs.append(form(weight, t, h, w, const, winograd_group, m, gemm, pool=2))
                 else:
-                    self.convs.append(form(weight, t, h, w, const, winograd_group, m, gemm))
+                    self.convs.append(form(weight, t, h, w, const, winograd_group, m, gemm,
+                                           pool=2 if in_tiles and conv is block.conv2 else 1))
             h, w = h // pool, w // pool
         self.pools = Cnn14Body.POOLS
         self.fc1 = (const(body.fc1.weight), const(body.fc1.bias))
@@ -128,13 +126,18 @@ class _ExportBody(nn.Module):
         for i, pool in enumerate(self.pools):
             for conv in self.convs[2 * i : 2 * i + 2]:
                 x = conv(x)
-            if pool > 1 and not self.pooled[i]:
+            if pool > 1 and not self.pools_in_tiles(i):
                 x = F.avg_pool2d(x, pool)
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)
         emb = F.relu(F.linear(x, *self.fc1))
         probs = torch.sigmoid(F.linear(emb, *self.fc2))
         return (probs, emb) if self.embedding else probs
+
+
+    def pools_in_tiles(self, i: int) -> bool:
+        """Whether block i (0-based)'s second convolution computes the block's average pool itself."""
+        return getattr(self.convs[2 * i + 1], "pool", 1) > 1
 
 
 class _DirectConv:

@@ -177,8 +177,8 @@ class WidthTwoConv3x3(WinogradConv3x3):
     rows): 3 x 4 = 12 components, MACs 3 per output instead of 9 (direct) or 4 (F(2x2))."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, height: int, width: int, const,
-                 group: int | None = None, m: int = 2, gemm: str = "conv") -> None:
-        assert width == 2 and m == 2, (width, m)
+                 group: int | None = None, m: int = 2, gemm: str = "conv", pool: int = 1) -> None:
+        assert width == 2 and m == 2 and pool == 1, (width, m, pool)
         at, g, bt = (torch.from_numpy(a) for a in transforms(m))
         w = weight.double()
         # the three products' kernels [3 (product), Cout, Cin, 3 (rows)], the columns they read, and

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import OutputError
-from .files import FileLock
+from .files import FileLock, create_beside, fsync_dir, remove_stale_temps
 from .results import is_record
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,9 @@ class ResultFile:
     - Records go to ``FILE.part`` (flushed per record); ``close()`` moves it onto FILE atomically, so
       FILE is never half-written; ``abandon()`` (any failure) keeps the ``.part`` for ``--resume``.
     - ``FILE.lock`` is held (flock) for the whole run: a second run on the same FILE is refused.
+    - Nothing is rewritten in place: a new ``.part`` (with what resume keeps) and the Parquet file are
+      written as new temp files beside them (O_EXCL | O_NOFOLLOW, files.create_beside), synced and renamed
+      over; a kill or a full disk meanwhile leaves the old ``.part`` and FILE whole for the next run.
     - With ``resume=True`` the inputs already recorded in FILE (and in a ``.part`` left by a killed run)
       are kept and listed in ``done``, so each input ends up in the file exactly once. Error records are
       dropped (an error is not a result: they are tried again), so is any line that is not a complete
@@ -250,18 +253,37 @@ class ResultFile:
         self.wants_scores = self.kind == "parquet"  # records must carry every score (to_record(scores=True))
         self._parquet_kept: Path | None = None  # FILE.parquet whose rows the new file keeps (resume)
         self._selection = 1
+        self._fd = -1
+        for target in (self.path, self.part):  # a killed run's half-written temp files (we hold the lock)
+            remove_stale_temps(target)
         try:
             kept = self._recover() if resume else []
-            self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            self._start_part(kept)
         except OutputError:
             self._lock.release()
             raise
         except OSError as exc:
             self._lock.release()
-            raise OutputError(f"cannot write {self.part.name} ({exc.strerror or exc})", str(self.path)) from None
-        self._put({"csv": csv_header(), "raven": raven_header()}.get(self.kind, ""))
-        for rec in kept:
-            self._put(self._text(rec))
+            kept_note = "; the results so far are kept in it" if resume and self.part.is_file() else ""
+            raise OutputError(f"cannot write {self.part.name} ({exc.strerror or exc}){kept_note}",
+                              str(self.path)) from None
+
+    def _start_part(self, kept: list[dict]) -> None:
+        """The new ``.part`` (header and the records kept by resume) is written beside the old one and
+        renamed onto it: a kill or a full disk meanwhile leaves the old one (maybe the only copy) whole."""
+        self._fd, tmp = create_beside(self.part)
+        try:
+            self._put({"csv": csv_header(), "raven": raven_header()}.get(self.kind, ""))
+            for rec in kept:
+                self._put(self._text(rec))
+            os.fsync(self._fd)
+            os.replace(tmp, self.part)
+            fsync_dir(self.part.parent)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            tmp.unlink(missing_ok=True)
+            raise
 
     # --- resume ---------------------------------------------------------------------------
     def _recover(self) -> list[dict]:
@@ -401,9 +423,9 @@ class ResultFile:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd, tmp = create_beside(self.path)
         try:
-            with pq.ParquetWriter(tmp, parquet_schema()) as writer:
+            with os.fdopen(fd, "wb") as sink, pq.ParquetWriter(sink, parquet_schema()) as writer:
                 if self._parquet_kept is not None:
                     old = pq.ParquetFile(self._parquet_kept)
                     for batch in old.iter_batches(batch_size=PARQUET_ROW_GROUP):
@@ -419,7 +441,11 @@ class ResultFile:
                             pending = []
                 if pending:
                     writer.write_table(parquet_table(pending))
+                writer.close()
+                sink.flush()
+                os.fsync(sink.fileno())
             os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
             self.part.unlink()
         finally:
             if tmp.exists():

@@ -39,7 +39,9 @@ def download(
 ) -> Path:
     """Download url to dest, resuming a partial ``dest.part``; verify size and md5.
 
-    A mismatch deletes the partial file and raises FetchError: nothing wrong is left cached.
+    A mismatch deletes the partial file and raises FetchError: nothing wrong is left cached. With
+    ``expected_bytes`` the bytes received are counted (Content-Length is not trusted, and may be absent):
+    the download fails as soon as the server announces or sends more, so a mirror cannot fill the disk.
     """
     dest = Path(dest)
     if dest.is_file() and _verified(dest, expected_bytes, expected_md5):
@@ -60,8 +62,15 @@ def download(
                     have = 0
                 announced = _content_total(resp, have)
                 total = expected_bytes or announced
+                if expected_bytes is not None and announced is not None and announced > expected_bytes:
+                    _too_big(url, part, f"announces {announced} bytes, more than the expected {expected_bytes} bytes")
                 with os.fdopen(open_nofollow(part, append=bool(have)), "wb") as f:
-                    while chunk := resp.read(CHUNK_BYTES):
+                    # one byte past the expected end is enough to know the file is not the one expected
+                    limit = None if expected_bytes is None else expected_bytes + 1
+                    while chunk := resp.read(CHUNK_BYTES if limit is None else min(CHUNK_BYTES, limit - have)):
+                        if expected_bytes is not None and have + len(chunk) > expected_bytes:
+                            f.close()
+                            _too_big(url, part, f"sent more than the expected {expected_bytes} bytes")
                         f.write(chunk)
                         have += len(chunk)
                         if progress:
@@ -94,6 +103,12 @@ def download(
             raise FetchError(f"{url}: md5 {got} does not match the expected {expected_md5}; file removed")
     os.replace(part, dest)
     return dest
+
+
+def _too_big(url: str, part: Path, reason: str):
+    """A server that sends (or announces) more than the expected file: fail now, keep nothing."""
+    part.unlink(missing_ok=True)
+    raise FetchError(f"{url}: the server {reason}; partial file removed")
 
 
 def _content_total(resp, have: int) -> int | None:

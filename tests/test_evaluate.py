@@ -295,6 +295,35 @@ def test_parquet_predictions(tmp_path, capsys):
     assert json.loads(out2) == {**report, "source": {**report["source"], "predictions": str(dataset)}}
 
 
+def test_ytids_match_whole_names_not_prefixes(tmp_path, capsys):
+    """Clip `a1` is not `a10.wav`: a file matches a YTID by its whole name, then as YTID.ext, then as
+    YTID_<start>[_<end>].ext; a file named for one labeled clip never stands in for another."""
+    names, scores, positives = synthetic_predictions(seed=11, clips=5)
+    names = ["a1", "a10", "b2", "c3", "c3_0"]
+    rows = parquet_rows(["/d/a10.wav", "/d/b2_30.000.flac", "/d/c3_5.wav", "/d/c3.wav", "/d/c3_0.wav"],
+                        scores[[1, 2, 0, 3, 4]])
+    pred = write_parquet(tmp_path / "preds.parquet", rows)
+    labels_csv = audioset_csv(tmp_path / "segments.csv", names, positives)
+    code, out, err = run(capsys, "eval", labels_csv, "--predictions", pred, "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["missing"] == [{"clip": "a1", "path": None, "reason": f"no prediction in {pred}"}]
+    assert report["clips"]["evaluated"] == 4 and report["clips"]["unmatched_predictions"] == 1  # c3_5.wav
+    assert_report_matches(report, reference(scores[1:], positives[1:]))
+
+
+def test_audio_dir_matches_whole_ytids(tmp_path):
+    from soundtag.evaluate import find_audio
+
+    for name in ("a10.wav", "b2_30.000_40.000.flac", "b22.wav", "c3.wav", "c3x.wav"):
+        (tmp_path / name).write_bytes(b"")
+    labels_csv = audioset_csv(tmp_path / "segments.csv", ["a1", "a10", "b2", "c3"], [(DOG,)] * 4)
+    found, missing = find_audio(read_labels(str(labels_csv)), str(tmp_path), range(4))
+    assert found == {1: str(tmp_path / "a10.wav"), 2: str(tmp_path / "b2_30.000_40.000.flac"),
+                     3: str(tmp_path / "c3.wav")}
+    assert missing == {0: f"no audio file {tmp_path / 'a1'}*"}
+
+
 def test_jsonl_predictions_and_table(tmp_path, capsys):
     names, scores, positives = synthetic_predictions(seed=8, clips=30, classes=tuple(range(0, 520, 20)))
     table = labels()

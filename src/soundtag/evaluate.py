@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ TABLE_MISSING = 10  # missing clips listed in the table (the JSON report lists a
 LABEL_SEPARATOR = ";"  # between classes in the labels cell of a path,labels CSV
 AUDIOSET_SEPARATOR = ","  # between MIDs in AudioSet's quoted positive_labels cell
 COMMENT = "#"  # a labels line starting so is a comment
+SEGMENT_TIMES = re.compile(r"(?:_[0-9]+(?:\.[0-9]+)?){1,2}$")  # "_30.000", "_30000_40000" after a YTID
 PARQUET_SUFFIXES = (".parquet", ".pq")
 PARQUET_MAGIC = b"PAR1"  # first bytes of a Parquet file
 PARQUET_COLUMNS = ("path", "clip_scores", "error")  # what eval reads of the predictions table
@@ -364,16 +366,40 @@ def _first_usable(table: dict, key, pred: Prediction) -> None:
         table[key] = pred
 
 
+def ytid_matches(name: str, ytids: set[str]) -> list[tuple[int, str]]:
+    """(rank, YTID) for each labeled YTID that a file name stands for, best rank first: 0 the whole name,
+    1 ``YTID.ext``, 2 ``YTID_<start>[_<end>][.ext]`` (segment times). Whole ids only: ``a1`` is not
+    ``a10.wav``; a name that is one labeled YTID (rank 0 or 1) stands for no other."""
+    stem, ext = os.path.splitext(name)
+    exact = [(0, name)] if name in ytids else [(1, stem)] if ext and stem in ytids else []
+    if exact:
+        return exact
+    found = []
+    for base in (stem, name):  # the times may hold dots: "YTID_30.000.flac", "YTID_30.000"
+        m = SEGMENT_TIMES.search(base)
+        while m is not None:  # "a_1_2": YTID "a" (times _1_2) or "a_1" (time _2)
+            if base[: m.start()] in ytids and (2, base[: m.start()]) not in found:
+                found.append((2, base[: m.start()]))
+            m = SEGMENT_TIMES.search(base, m.start() + 1)
+    return found
+
+
+def _best_by_ytid(names: Iterable[tuple[str, object]], ytids: set[str], keep: Callable[[dict, str, object], None]):
+    """For each YTID the item of its best-ranked file name; ``keep(table, ytid, item)`` picks within a rank."""
+    ranked: list[dict] = [{}, {}, {}]
+    for name, item in names:
+        for rank, ytid in ytid_matches(name, ytids):
+            keep(ranked[rank], ytid, item)
+    best: dict = {}
+    for table in reversed(ranked):
+        best.update(table)
+    return best
+
+
 def _ytid_finder(label_set: LabelSet, predictions: list[Prediction]) -> Callable[[Clip], tuple]:
-    """A prediction whose file name starts with the clip's YTID."""
+    """A prediction whose file name is the clip's YTID (see ytid_matches)."""
     ytids = {clip.name for clip in label_set.clips}
-    lengths = sorted({len(y) for y in ytids})
-    by_ytid: dict[str, Prediction] = {}
-    for pred in predictions:
-        base = os.path.basename(pred.path)
-        for n in lengths:
-            if base[:n] in ytids:
-                _first_usable(by_ytid, base[:n], pred)
+    by_ytid = _best_by_ytid(((os.path.basename(p.path), p) for p in predictions), ytids, _first_usable)
     return lambda clip: (by_ytid.get(clip.name), None)
 
 
@@ -418,20 +444,15 @@ def find_audio(label_set: LabelSet, audio_dir: str, wanted: Iterable[int]) -> tu
 
 
 def _files_by_ytid(audio_dir: str, ytids: set[str]) -> dict[str, str]:
-    """The first audio file (sorted by name) in audio_dir whose name starts with each YTID."""
-    lengths = sorted({len(y) for y in ytids})
+    """For each YTID the first audio file (by rank, then sorted by name) in audio_dir named for it
+    (see ytid_matches)."""
     try:
         entries = sorted((e.name, e.path) for e in os.scandir(audio_dir) if e.is_file())
     except OSError as exc:
         raise OptionsError(f"--audio-dir: cannot list the folder ({exc.strerror or exc})", audio_dir) from None
-    found: dict[str, str] = {}
-    for name, path in entries:
-        if name.startswith(APPLEDOUBLE_PREFIX) or os.path.splitext(name)[1].lower() not in AUDIO_EXTENSIONS:
-            continue
-        for n in lengths:
-            if name[:n] in ytids:
-                found.setdefault(name[:n], path)
-    return found
+    audio = ((name, path) for name, path in entries
+             if not name.startswith(APPLEDOUBLE_PREFIX) and os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS)
+    return _best_by_ytid(audio, ytids, lambda table, ytid, path: table.setdefault(ytid, path))
 
 
 def tag_clips(options, paths: dict[int, str], on_clip: Callable[[str, str | None], None] | None = None):

@@ -1,6 +1,9 @@
 """Conversion: parity gates, graph checks, refusal of corrupted models, checkpoint loading."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,12 @@ from soundtag.convert.cnn14 import CheckpointError, Cnn14Body, load_body
 from soundtag.convert.validate import ValidationError, inspect_graph, run_tflite
 from soundtag.features import mel_basis
 from soundtag.labels import labels
+from tests.fixtures import absent_gpu_env
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "soundtag", *map(str, args)], capture_output=True, text=True,
+                          env=env or os.environ, timeout=timeout)
 
 
 def test_report_gates_and_files(models):
@@ -89,7 +98,7 @@ def corrupted_fp32(checkpoint, models, monkeypatch):
 def test_corrupted_model_is_refused(checkpoint, corrupted_fp32, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValidationError, match="failed validation"):
-        export.convert_checkpoint(checkpoint, out, ("fp32",), gpu_check=False)
+        export.convert_checkpoint(checkpoint, out, ("fp32",), gpu_check="off")
     assert not list(out.glob("*.tflite"))
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["passed"] is False and report["models"]["fp32"]["passed"] is False
@@ -99,7 +108,7 @@ def test_corrupted_model_is_refused(checkpoint, corrupted_fp32, tmp_path):
 def test_cli_convert_refuses_corrupted(checkpoint, corrupted_fp32, tmp_path, capsys):
     from soundtag.cli import main
 
-    assert main(["convert", str(checkpoint), "--output-dir", str(tmp_path), "--precision", "fp32", "--no-gpu-check"]) == 1
+    assert main(["convert", str(checkpoint), "--output-dir", str(tmp_path), "--precision", "fp32", "--gpu-check", "off"]) == 1
     assert "failed validation" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tflite"))
 
@@ -218,20 +227,46 @@ def test_split_direct_conv_matches_conv2d():
     torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
 
 
-def test_cli_convert_direct_fp32(checkpoint, tmp_path, capsys):
-    """--no-winograd writes the model card's direct layout for fp32, through the same gates."""
-    from soundtag.cli import main
-
-    assert main(["convert", str(checkpoint), "--output-dir", str(tmp_path), "--precision", "fp32", "--no-winograd",
-                 "--no-gpu-check"]) == 0
-    out = capsys.readouterr().out
-    assert "cnn14_audioset_fp32.tflite: fp32 (direct (groups of 256 input channels))" in out
-    report = json.loads((tmp_path / "conversion_report.json").read_text())
+def test_cli_convert_direct_fp32_without_a_gpu_adapter(checkpoint, tmp_path):
+    """--no-winograd writes the model card's direct layout for fp32, through the same gates; on a machine
+    whose Vulkan driver file has no device behind it (issue #18: Dawn finds no adapter) --gpu-check auto
+    (the default) still writes it and records why the GPU was not checked, --gpu-check require writes no
+    model and says why in one line."""
+    env = absent_gpu_env(tmp_path)
+    out = tmp_path / "auto"
+    r = _cli("convert", checkpoint, "--output-dir", out, "--precision", "fp32", "--no-winograd", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "cnn14_audioset_fp32.tflite: fp32 (direct (groups of 256 input channels))" in r.stdout
+    assert "GPU not checked: no GPU accelerator: Dawn found no usable GPU adapter" in r.stdout
+    report = json.loads((out / "conversion_report.json").read_text())
     fp32 = report["models"]["fp32"]
+    assert report["passed"] and report["gpu_check"] == "auto"
+    assert fp32["gpu"]["checked"] is False and fp32["gpu"]["write"] is True and "No adapters found" in fp32["gpu"]["reason"]
     assert fp32["convolutions"] == "direct (groups of 256 input channels)" and "BATCH_MATMUL" not in fp32["graph"]["ops"]
     assert fp32["parity_vs_pytorch"]["min_corr"] >= 0.99999 and fp32["parity_vs_pytorch"]["max_abs_diff"] <= 1e-4
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir()) == [
         "audioset_labels.txt", "cnn14_audioset_fp32.tflite", "conversion_report.json", "mel_basis.bin"]
+
+    out = tmp_path / "require"
+    r = _cli("convert", checkpoint, "--output-dir", out, "--precision", "fp32", "fp16", "--no-winograd",
+             "--gpu-check", "require", env=env)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("soundtag: ")]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "no GPU to check it on" in lines[0] and "no model written" in lines[0] and "No adapters found" in lines[0]
+    assert not list(out.glob("*.tflite"))
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert not report["passed"] and list(report["models"]) == ["fp32"]  # stopped at the first model
+
+
+def test_gpu_verdict_without_a_gpu():
+    """No usable GPU: recorded, written under auto, refused under require (the GPU that disagrees: test_gpu)."""
+    missing = {"available": False, "reason": "no GPU accelerator: Dawn found no usable GPU adapter (No adapters found)"}
+    auto = export.gpu_verdict(dict(missing), "auto", "m.tflite")
+    assert auto["write"] and not auto["checked"] and not auto["required"] and "no GPU to check it on" in auto["finding"]
+    required = export.gpu_verdict(dict(missing), "require", "m.tflite")
+    assert not required["write"] and required["required"]
+    with pytest.raises(ValueError, match="unknown GPU check 'maybe'"):
+        export.convert_checkpoint("unused.pth", "unused", ("fp32",), gpu_check="maybe")
 
 
 @pytest.mark.slow

@@ -3,13 +3,21 @@
 import hashlib
 import http.server
 import json
+import subprocess
+import sys
 import threading
+from importlib import resources
 
 import pytest
 
 from soundtag import fetch
 from soundtag.cli import main
-from soundtag.paths import resolve_model_path
+from tests.fixtures import absent_gpu_env
+
+
+def _cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "soundtag", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=600)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -89,17 +97,32 @@ def test_wrong_checksum_leaves_nothing(server, checkpoint, tmp_path, monkeypatch
     assert code == 1 and f"expected {size + 1}" in capsys.readouterr().err
 
 
-def test_fetch_converts_into_cache_and_tag_finds_it(server, checkpoint, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SOUNDTAG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("SOUNDTAG_MODEL", raising=False)
+def test_fetch_converts_into_cache_and_tag_finds_it(server, checkpoint, tmp_path):
+    """On a machine with a Vulkan driver file but no device Dawn accepts (issue #18), fetch converts and
+    writes the models (the GPU check is recorded as not possible); `tag --accelerator auto` tags on the
+    CPU with one warning, `--accelerator gpu` is one line and exit 1. Subprocesses: the Vulkan loader
+    reads its driver files once per process."""
+    env = {**absent_gpu_env(tmp_path), "SOUNDTAG_CACHE": str(tmp_path / "cache")}
+    env.pop("SOUNDTAG_MODEL", None)
     data = checkpoint.read_bytes()
-    code = main(["fetch", "--url", server, "--md5", hashlib.md5(data).hexdigest(), "--bytes", str(len(data)),
-                 "--precision", "fp32"])
-    assert code == 0, capsys.readouterr().err
+    r = _cli("fetch", "--url", server, "--md5", hashlib.md5(data).hexdigest(), "--bytes", str(len(data)),
+             "--precision", "fp32", env=env)
+    assert r.returncode == 0, r.stderr
     models = tmp_path / "cache" / "models"
     report = json.loads((models / "conversion_report.json").read_text())
     assert report["passed"] and report["checkpoint"]["md5"] == hashlib.md5(data).hexdigest()
-    assert resolve_model_path() == (models / "cnn14_audioset_fp32.tflite", True)
+    assert report["models"]["fp32"]["gpu"]["checked"] is False and "No adapters found" in report["models"]["fp32"]["gpu"]["reason"]
+    assert (models / "cnn14_audioset_fp32.tflite").is_file()
+    speech = str(resources.files("soundtag.assets").joinpath("speech_espeak.flac"))
+    r = _cli("tag", speech, "--accelerator", "auto", "--format", "jsonl", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tags"] and str(models / "cnn14_audioset_fp32.tflite") in r.stderr
+    warnings = [x for x in r.stderr.splitlines() if "GPU not used" in x]
+    assert len(warnings) == 1 and "no usable GPU adapter" in warnings[0], r.stderr
+    r = _cli("tag", speech, "--accelerator", "gpu", env=env)
+    lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith(("INFO: ", "soundtag: model "))]
+    assert r.returncode == 1 and r.stdout == "" and len(lines) == 1, r.stderr
+    assert "no GPU accelerator: Dawn found no usable GPU adapter" in lines[0]
 
 
 def test_upstream_constants():

@@ -56,6 +56,45 @@ def oversized_model(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_model() -> bytes:
+    """A CNN14-shaped model (log-mel in, 527 probabilities out) that a GPU runs in a moment."""
+    import litert_torch
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x.reshape(1, -1)[:, :527] * 0.01)
+
+    with torch.inference_mode():
+        edge = litert_torch.convert(Tiny().eval(), (torch.zeros(1, 1, 1001, 64),))
+    return bytes(edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content)
+
+
+@needs_gpu
+def test_gpu_that_disagrees_is_a_finding_unless_required(tiny_model, caplog):
+    """Issue #18: a GPU that runs the model but misses its gate (here a gate no device can meet) is a
+    finding about that machine's driver: under --gpu-check auto the model is written with one warning
+    and the finding recorded; under require it is not written."""
+    from soundtag.convert import export
+    from soundtag.convert.validate import GATES, run_tflite
+
+    inputs = {"speech": probe_input()}
+    cpu = run_tflite(tiny_model, inputs)
+    impossible = {"fp32": {"min_corr": 1.5, "max_abs_diff": 0.0}}
+    with caplog.at_level("WARNING", logger="soundtag.convert.export"):
+        auto = export._prove("tiny.tflite", "fp32", "direct", tiny_model, cpu, cpu, GATES["fp32"], impossible, inputs, "auto")
+    assert auto["passed"] and auto["gpu"]["checked"] and not auto["gpu"]["passed"] and auto["gpu"]["write"]
+    assert "disagrees with the CPU" in auto["gpu"]["finding"] and auto["gpu"]["modes"]["fp32"]["min_corr"] > 0.99999
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "tiny.tflite written" in warned[0].getMessage()
+    required = export._prove("tiny.tflite", "fp32", "direct", tiny_model, cpu, cpu, GATES["fp32"], impossible, inputs,
+                             "require")
+    assert not required["passed"] and not required["gpu"]["write"]
+    fine = export._prove("tiny.tflite", "fp32", "direct", tiny_model, cpu, cpu, GATES["fp32"], export.GPU_GATES["fp32"],
+                         inputs, "require")
+    assert fine["passed"] and fine["gpu"]["passed"]
+
+
 def test_models_fit_webgpu_limits(models):
     report = json.loads((models / "conversion_report.json").read_text())
     for m in report["models"].values():

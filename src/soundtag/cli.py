@@ -118,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 with direct convolutions (smaller file, slower on CPU; fp16/int8 always direct)")
     c.add_argument("--waveform", action="store_true",
                    help="also write cnn14_audioset_waveform_{fp32,fp16}.tflite: waveform in, the log-mel in the graph")
-    c.add_argument("--no-gpu-check", action="store_true",
-                   help="skip running the models on LiteRT's GPU accelerator (done by default where one exists)")
+    _add_gpu_check_option(c)
 
     st = sub.add_parser("selftest", help="load a model, run the probe on the CPU or GPU, report parity and speed")
     st.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
@@ -134,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--bytes", type=int, help="expected size in bytes (default: the upstream checkpoint's)")
     f.add_argument("--no-verify", action="store_true", help="accept any file from --url (no size or md5 check)")
     f.add_argument("--precision", nargs="+", action="extend", help="fp32 fp16 int8 (default: fp32 fp16)")
+    _add_gpu_check_option(f)
 
     from . import evaluate
 
@@ -161,6 +161,15 @@ def _add_tag_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", action="store_true",
                    help="add the 2048-d clip embedding to each record (fp32/int8 models)")
     _add_accelerator_options(p)
+
+
+def _add_gpu_check_option(p: argparse.ArgumentParser) -> None:
+    from .model import GPU_CHECKS
+
+    p.add_argument("--gpu-check", choices=GPU_CHECKS, default="auto",
+                   help="run the models on LiteRT's GPU accelerator too: auto (default; where a usable GPU exists, "
+                        "a GPU that disagrees is a warning), require (a missing or failing GPU check writes no "
+                        "model) or off")
 
 
 def _add_accelerator_options(p: argparse.ArgumentParser) -> None:
@@ -356,7 +365,7 @@ def _cmd_convert(args) -> int:
         return EXIT_FAILED
     try:
         result = convert_checkpoint(args.checkpoint, args.output_dir, precisions, winograd=not args.no_winograd,
-                                    gpu_check=not args.no_gpu_check, waveform=args.waveform)
+                                    gpu_check=args.gpu_check, waveform=args.waveform)
     except (CheckpointError, ValidationError) as exc:
         _err(str(exc))
         return EXIT_FAILED
@@ -367,10 +376,11 @@ def _cmd_convert(args) -> int:
               f"GPU ops {'all supported' if g['gpu_ok'] else 'missing ' + ', '.join(g['gpu_unsupported'])}, "
               f"largest tensor {g['largest_tensor_bytes'] / 2**20:.0f} MiB as fp32")
         gpu = m.get("gpu")
-        if gpu and gpu["available"]:
+        if gpu and gpu.get("available"):
             modes = ", ".join((f"{mode} mode corr {r['min_corr']:.6f}" if "min_corr" in r else f"{mode} mode: {r['error']}")
                               + ("" if r.get("gated", True) else " (not gated)") for mode, r in gpu["modes"].items())
-            print(f"  on the GPU ({gpu.get('backend', 'WebGPU')} {gpu.get('adapter', '')}): {modes}")
+            print(f"  on the GPU ({gpu.get('backend', 'WebGPU')} {gpu.get('adapter', '')}): {modes}"
+                  + ("" if gpu["passed"] else " -- DISAGREES with the CPU (written: a finding about this GPU's driver)"))
         elif gpu:
             print(f"  GPU not checked: {gpu['reason']}")
     print(f"wrote {len(result.written)} files to {args.output_dir} in {result.report['seconds']} s")
@@ -395,7 +405,7 @@ def _cmd_fetch(args) -> int:
             expected_bytes=None if args.no_verify else (args.bytes if args.bytes is not None else f.UPSTREAM_BYTES),
             expected_md5=None if args.no_verify else (args.md5 or f.UPSTREAM_MD5),
             precisions=tuple(args.precision) if args.precision else None,
-            progress=progress,
+            progress=progress, gpu_check=args.gpu_check,
         )
     except FetchError as exc:
         _err(str(exc))

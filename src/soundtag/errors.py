@@ -42,6 +42,13 @@ class ModelError(SoundtagError, ValueError):
     """A file that is not a CNN14 LiteRT model with the expected signature, or that fails to load."""
 
 
+class NoGpuError(ModelError):
+    """This machine has no GPU that LiteRT's accelerator can use: a part is missing (the WebGPU library,
+    the Vulkan loader, a driver file), or Dawn finds no adapter it accepts (a driver file for absent
+    hardware, Debian 12's Mesa 22 lavapipe). Not a fault of the model: the converter then skips its GPU
+    check, and ``--accelerator auto`` takes the CPU."""
+
+
 class ModelNotFoundError(ModelError):
     """No model given and none in the cache."""
 

@@ -128,12 +128,14 @@ def fetch(
     expected_md5: str | None = UPSTREAM_MD5,
     precisions: tuple[str, ...] | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    gpu_check: str = "auto",
 ) -> Path:
-    """Download the checkpoint into the cache, convert and validate it; returns the models dir."""
+    """Download the checkpoint into the cache, convert and validate it (``gpu_check``: as
+    convert.export.convert_checkpoint); returns the models dir."""
     checkpoint = download(url, cache_dir() / UPSTREAM_NAME, expected_bytes, expected_md5, progress)
     try:
         from .convert.export import DEFAULT_PRECISIONS, convert_checkpoint
     except ImportError as exc:
         raise FetchError(f"checkpoint saved at {checkpoint}; converting it needs pip install 'soundtag[convert]' ({exc})") from None
-    convert_checkpoint(checkpoint, models_dir(), precisions or DEFAULT_PRECISIONS)
+    convert_checkpoint(checkpoint, models_dir(), precisions or DEFAULT_PRECISIONS, gpu_check=gpu_check)
     return models_dir()

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from . import features
-from .errors import InferenceError, ModelError
+from .errors import InferenceError, ModelError, NoGpuError
 from .features import CLIP_SAMPLES, N_FRAMES, N_MELS
 from .files import atomic_write_bytes, file_chunks
 from .labels import NUM_CLASSES
@@ -52,11 +52,20 @@ OUTPUT_SHAPE = (1, NUM_CLASSES)  # sigmoid probabilities
 EMBEDDING_SHAPE = (1, 2048)  # optional second output: fc1 + ReLU, upstream CNN14's `embedding`
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # XNNPACK threads; one per core up to 4
 ACCELERATORS = ("cpu", "gpu", "auto")  # "auto": the GPU when it loads and passes the probe, else the CPU
+# `convert --gpu-check` (issue #18): what a GPU check means for writing the models. A machine without a
+# usable GPU (NoGpuError: parts missing, or no adapter that Dawn accepts) is recorded and never stops a
+# conversion unless "require"; a GPU that loads and disagrees with the CPU is a finding about that
+# machine's driver, not the model: "auto" writes the models with one warning and records it, "require"
+# (CI, the GPU tests) makes any missing or failing GPU check fatal; "off" runs none.
+GPU_CHECKS = ("auto", "require", "off")
 GPU_PRECISIONS = ("fp16", "fp32")  # the GPU's arithmetic; None: fp16 for the fp16 log-mel model, else fp32
 # Probe gates, GPU vs CPU on the speech clip: far looser than the converter's (which prove the layout),
 # tight enough to refuse a broken device or driver (zeros, garbage, a dropped layer).
 PROBE_GATES = {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.999, "max_abs_diff": 0.05}}
 WEBGPU_LIBRARY = "libLiteRtWebGpuAccelerator.so"
+# What Dawn says when the Vulkan loader and a driver file exist but no device is usable (a driver for
+# absent hardware; Debian 12's Mesa 22.3 lavapipe, which Dawn rejects): a machine without a GPU.
+NO_ADAPTER_PATTERN = r"No adapters found"
 VULKAN_ICD_DIRS = ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d")
 
 
@@ -371,7 +380,7 @@ class _GpuRunner(_CompiledRunner):
     def __init__(self, source: dict, precision: str, name: str, cpu: _CpuRunner) -> None:
         missing = gpu_missing()
         if missing:
-            raise ModelError(f"no GPU accelerator: {missing}", name)
+            raise NoGpuError(f"no GPU accelerator: {missing}", name)
         from ai_edge_litert.compiled_model import CompiledModel
         from ai_edge_litert.options import GpuOptions, HardwareAccelerator, Options
 
@@ -388,7 +397,10 @@ class _GpuRunner(_CompiledRunner):
                 self._model = None
         dawn = _dawn_facts(logged.text)
         if self._model is None:
-            raise ModelError(f"the GPU accelerator failed to load it: {dawn.get('error') or 'no details logged'}", name)
+            said = dawn.get("error") or "no details logged"
+            if dawn.get("no_adapter"):  # the parts are there, but no device Dawn accepts: no GPU, not a bad model
+                raise NoGpuError(f"no GPU accelerator: Dawn found no usable GPU adapter ({said})", name)
+            raise ModelError(f"the GPU accelerator failed to load it: {said}", name)
         self._bind(self._model, name)
         fully = bool(self._model.is_fully_accelerated())
         self.info = GpuInfo(precision, dawn.get("backend", "WebGPU"), dawn.get("adapter", "unknown"),
@@ -515,6 +527,7 @@ def _dawn_facts(text: str) -> dict:
                   r"Validation error: [^\n]*)", text)
     if m:
         facts["error"] = m.group(1).strip()
+        facts["no_adapter"] = bool(re.search(NO_ADAPTER_PATTERN, facts["error"]))
     return facts
 
 

@@ -36,15 +36,22 @@ def window_starts(num_samples: int, hop: int, window: int = WINDOW_SAMPLES) -> l
 
 
 class WindowCutter:
-    """The window rule, push-based: ``push(block)`` returns the windows it completes, ``finish()`` the
+    """The window rule, push-based: ``push(block)`` yields the windows it completes, ``finish()`` the
     last one (zero-padded for audio of at most 10 s, else aligned to the end if audio remains past the
-    last hop-aligned window). Holds at most one window plus one block, whatever the hop."""
+    last hop-aligned window).
+
+    Bounded whatever the block and the hop (issue #18: one 16 MiB WebSocket message at a tiny hop was
+    thousands of window copies in one list): the samples live in one buffer of 1.5 windows, filled in
+    place (a tiny block costs its own size, not a copy of the window buffer), and ``push`` is a
+    generator that cuts each window when the caller takes it, so at most one window copy exists at a
+    time. Take every window ``push`` yields before the next call."""
 
     def __init__(self, hop: int, window: int = WINDOW_SAMPLES) -> None:
         if hop < 1:
             raise ValueError(f"hop must be >= 1 sample, got {hop}")
         self.hop, self.window = hop, window
-        self._buf = np.zeros(0, np.float32)
+        self._buf = np.zeros(window + window // 2, np.float32)  # samples [_buf_start, _buf_start + _len)
+        self._len = 0
         self._buf_start = 0  # absolute sample index of _buf[0]
         self._next = 0  # absolute start of the next hop-aligned window
         self._last_end = 0  # absolute end of the last window given out (0: none yet)
@@ -52,22 +59,40 @@ class WindowCutter:
     @property
     def samples(self) -> int:
         """Samples pushed so far."""
-        return self._buf_start + self._buf.size
+        return self._buf_start + self._len
 
-    def push(self, block: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-        """(start, real_samples, window) for each window this block completes."""
+    def push(self, block: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(start, real_samples, window) for each window this block completes, cut one at a time."""
+        block = np.asarray(block, np.float32).ravel()
         w = self.window
-        self._buf = np.concatenate([self._buf, np.asarray(block, np.float32).ravel()])
-        out = []
-        while self._buf_start + self._buf.size >= self._next + w:
-            i = self._next - self._buf_start
-            out.append((self._next, w, self._buf[i : i + w].copy()))
-            self._last_end = self._next + w
-            self._next += self.hop
-        # keep what the next window needs, and the last `window` samples for an end-aligned final one
-        keep_from = max(self._buf_start, min(self._next, self._buf_start + self._buf.size - w))
-        self._buf, self._buf_start = self._buf[keep_from - self._buf_start :], keep_from
-        return out
+        step = max(1, w // 4)
+        for at in range(0, block.size, step):  # a quarter window at a time: the buffer always has room
+            piece = block[at : at + step]
+            if self._len + piece.size > self._buf.size:
+                self._compact()
+            self._buf[self._len : self._len + piece.size] = piece
+            self._len += piece.size
+            while self.samples >= self._next + w:
+                i = self._next - self._buf_start
+                start = self._next
+                self._last_end = start + w
+                self._next += self.hop
+                yield start, w, self._buf[i : i + w].copy()
+
+    def _compact(self) -> None:
+        """Drop what no window needs any more (all but what the next window needs, and the last
+        ``window`` samples for an end-aligned final one), so that a window more fits behind it."""
+        keep_from = max(self._buf_start, min(self._next, self.samples - self.window))
+        drop = keep_from - self._buf_start
+        if drop > 0:
+            kept = self._len - drop
+            # moved in steps of `drop`, so that no step's source and target overlap (numpy would copy
+            # an overlapping source to a temporary first); called when over 1.25 windows are held, of
+            # which at most one is kept: at most four steps
+            for i in range(0, kept, drop):
+                n = min(drop, kept - i)
+                self._buf[i : i + n] = self._buf[drop + i : drop + i + n]
+            self._buf_start, self._len = keep_from, kept
 
     def finish(self) -> list[tuple[int, int, np.ndarray]]:
         """The last window under the rule (none for no audio, none if the last window reached the end)."""
@@ -76,10 +101,10 @@ class WindowCutter:
             return []
         if self._last_end == 0:  # at most 10 s in all: one zero-padded window
             out = np.zeros(w, np.float32)
-            out[:total] = self._buf
+            out[:total] = self._buf[:total]
             return [(0, total, out)]
         if self._last_end < total:  # the audio goes on past the last hop-aligned window
-            return [(total - w, w, self._buf[self._buf.size - w :].copy())]
+            return [(total - w, w, self._buf[self._len - w : self._len].copy())]
         return []
 
 

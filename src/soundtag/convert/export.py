@@ -34,6 +34,7 @@ from .. import features
 from ..labels import labels
 from ..errors import ValidationError
 from ..files import atomic_write_bytes, file_digest
+from ..model import GPU_CHECKS
 from .cnn14 import Cnn14Body, load_body
 from .frontend import LogmelFrontEnd
 from .winograd import WidthTwoConv3x3, WinogradConv3x3
@@ -415,15 +416,16 @@ def convert_checkpoint(
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS,
     gates: dict | None = None,
     winograd: bool = True,
-    gpu_check: bool = True,
+    gpu_check: str = "auto",
     waveform: bool = False,
 ) -> ConversionResult:
     """Convert, validate and (only if every model passes) write models, assets and report.
 
     fp32 runs blocks 2-6 as Winograd convolutions when ``winograd`` (CPU speed, bigger file);
-    fp16 and int8 use direct convolutions. Layouts: LAYOUTS. With ``gpu_check``, where LiteRT's GPU
-    accelerator is available, the fp32 and fp16 models must also run on it fully accelerated, in fp16
-    and fp32 mode, within GPU_GATES of their CPU run (about a minute per model on a software GPU).
+    fp16 and int8 use direct convolutions. Layouts: LAYOUTS. ``gpu_check`` (GPU_CHECKS): where LiteRT's
+    GPU accelerator runs, the fp32 and fp16 models also run on it, in fp16 and fp32 mode, held to
+    GPU_GATES against their CPU run (about a minute per model on a software GPU); "auto" records a
+    missing GPU and warns about a disagreeing one, "require" refuses to write models in either case.
     With ``waveform``, also WAVEFORM_FILES for fp32/fp16 among ``precisions``: waveform in, the log-mel
     front end in the graph, held to the same gates against the PyTorch body on the host log-mel.
 
@@ -435,6 +437,8 @@ def convert_checkpoint(
     bad = [p for p in precisions if p not in MODEL_FILES]
     if bad:
         raise ValueError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+    if gpu_check not in GPU_CHECKS:  # model.GPU_CHECKS says what each means
+        raise ValueError(f"unknown GPU check {gpu_check!r}; choose from {', '.join(GPU_CHECKS)}")
     body = load_body(checkpoint)
     inputs = validation_inputs()
     reference = reference_outputs(body, inputs)
@@ -443,6 +447,7 @@ def convert_checkpoint(
         "inputs": list(inputs),
         "reference": "PyTorch Cnn14Body (soundtag.convert.cnn14), eval mode, float32",
         "models": {},
+        "gpu_check": gpu_check,
         "versions": _versions(),
     }
     # fp32 and int8 (CPU models) carry the 2048-d embedding as a second output; fp16 keeps the model
@@ -461,13 +466,16 @@ def convert_checkpoint(
         data = makers[precision]()
         out = fp32_out if precision == "fp32" else run_tflite(data, inputs)
         entry = _prove(MODEL_FILES[precision], precision, conv_form[precision], data, out, reference, gates[precision],
-                       GPU_GATES.get(precision) if gpu_check else None, inputs)
+                       GPU_GATES.get(precision), inputs, gpu_check)
         if precision == "int8":
             entry["float32_layers"] = list(INT8_FLOAT_LAYERS)
         if precision != "fp32":
             entry["fidelity_vs_fp32"] = dataclasses.asdict(compare(precision, fp32_out.probs, out.probs, {"min_corr": 0.0, "max_abs_diff": None}))
         report["models"][precision] = entry
         blobs[MODEL_FILES[precision]] = data
+        if _no_gpu_but_required(entry):  # no later model can pass: say so now, not after converting them
+            waveform = False
+            break
     del fp32, direct, plain, makers
     for precision in [p for p in precisions if p in WAVEFORM_FILES] if waveform else []:
         waves = validation_waveforms()
@@ -477,7 +485,7 @@ def convert_checkpoint(
         out = run_tflite(data, waves)
         entry = _prove(WAVEFORM_FILES[precision], precision, "log-mel front end in the graph (convert/frontend.py), "
                        + conv_form[precision], data, out, ref, gates[precision],
-                       WAVEFORM_GPU_GATES[precision] if gpu_check else None, waves)
+                       WAVEFORM_GPU_GATES[precision], waves, gpu_check)
         entry["reference"] = "PyTorch Cnn14Body on the host log-mel (features.logmel) of each waveform"
         report.setdefault("waveform_inputs", list(waves))
         report["models"][f"waveform_{precision}"] = entry
@@ -497,7 +505,7 @@ def convert_checkpoint(
     if not report["passed"]:
         failed = [f"{p} (corr {m['parity_vs_pytorch']['min_corr']:.6f}, max|dp| "
                   f"{m['parity_vs_pytorch']['max_abs_diff']:.2e}, graph ok {m['graph']['passed']}"
-                  + (", GPU parity failed" if not m.get("gpu", {}).get("passed", True) else "") + ")"
+                  + (f", {m['gpu']['finding']}" if m.get("gpu", {}).get("finding") else "") + ")"
                   for p, m in report["models"].items() if not m["passed"]]
         raise ValidationError(f"{checkpoint}: converted model failed validation: {', '.join(failed)}; "
                               f"no model written (see {output_dir / REPORT_FILE})")
@@ -505,9 +513,10 @@ def convert_checkpoint(
 
 
 def _prove(file: str, precision: str, form: str, data: bytes, out: ModelOutputs, reference: ModelOutputs,
-           gate: dict, gpu_gates: dict | None, inputs: dict) -> dict:
-    """A model's report entry: parity vs PyTorch (probabilities, embedding), graph checks and, with
-    ``gpu_gates``, the GPU accelerator's parity with the CPU run. ``passed`` says if it may be written."""
+           gate: dict, gpu_gates: dict | None, inputs: dict, gpu_check: str = "auto") -> dict:
+    """A model's report entry: parity vs PyTorch (probabilities, embedding), graph checks and, for a
+    model with ``gpu_gates`` unless ``gpu_check`` is "off", the GPU accelerator's parity with the CPU run
+    (gpu_verdict). ``passed`` says if it may be written."""
     parity = compare(precision, reference.probs, out.probs, gate)
     graph = inspect_graph(data)
     entry = {
@@ -527,11 +536,42 @@ def _prove(file: str, precision: str, form: str, data: bytes, out: ModelOutputs,
         entry["embedding_parity_vs_pytorch"] = dataclasses.asdict(emb)
         entry["passed"] = entry["passed"] and emb.passed
     if gpu_gates and entry["passed"]:
-        entry["gpu"] = gpu_parity(gpu_gates, data, inputs, out)
-        entry["passed"] = entry["gpu"]["passed"]
+        if gpu_check == "off":
+            entry["gpu"] = {"checked": False, "reason": "not checked (--gpu-check off)"}
+        else:
+            entry["gpu"] = gpu_verdict(gpu_parity(gpu_gates, data, inputs, out), gpu_check, file)
+            entry["passed"] = entry["gpu"]["write"]
     log.info("%s: corr %.7f max|dp| %.2e graph %s gpu %s", file, parity.min_corr, parity.max_abs_diff, graph.passed,
              entry.get("gpu", {}).get("passed"))
     return entry
+
+
+def _no_gpu_but_required(entry: dict) -> bool:
+    gpu = entry.get("gpu", {})
+    return gpu.get("required", False) and not gpu.get("checked", True)
+
+
+def gpu_verdict(gpu: dict, gpu_check: str, file: str) -> dict:
+    """A gpu_parity report with what it means for writing the model under ``gpu_check`` (GPU_CHECKS):
+    ``checked``, ``write`` and, when the GPU was missing or disagreed, ``finding`` (one line; "auto"
+    logs it as a warning for a GPU that disagreed, and only records a missing one)."""
+    required = gpu_check == "require"
+    gpu = {"checked": gpu["available"], **gpu, "required": required}
+    if not gpu["available"]:
+        gpu["finding"] = f"no GPU to check it on: {gpu['reason']}"
+        gpu["write"] = not required
+    elif not gpu["passed"]:
+        modes = "; ".join(f"{mode} mode " + (r["error"] if "error" in r else f"corr {r['min_corr']:.6f}, max|dp| "
+                                             f"{r['max_abs_diff']:.2e} vs gate {r['gate']}")
+                          for mode, r in gpu["modes"].items() if not r["passed"])
+        gpu["finding"] = f"the GPU ({gpu.get('adapter', 'unknown adapter')}) disagrees with the CPU: {modes}"
+        gpu["write"] = not required
+        if not required:
+            log.warning("%s written, but this machine's GPU driver disagrees with the CPU (a finding about the "
+                        "driver; --gpu-check require makes it fatal): %s", file, gpu["finding"])
+    else:
+        gpu["write"] = True
+    return gpu
 
 
 def _describe_layout(layout: tuple) -> str:

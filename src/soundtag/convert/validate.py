@@ -198,19 +198,22 @@ def gpu_parity(gates: dict, model_bytes: bytes, inputs: dict, cpu: ModelOutputs)
     """The model on LiteRT's GPU accelerator in each mode of ``gates`` (fp16, fp32: e.g. GPU_GATES["fp16"])
     vs its CPU run.
 
-    {"available": False, "reason": ...} where this machine has no GPU accelerator (the gate is then
-    not applied); else adapter, backend, fully accelerated, per-mode parity and "passed"."""
-    from ..errors import ModelError
+    {"available": False, "reason": ...} where this machine has no GPU that LiteRT's accelerator can use
+    (parts missing, or no adapter that Dawn accepts: errors.NoGpuError); else adapter, backend, fully
+    accelerated, per-mode parity and "passed" (whether every gated mode held its gate)."""
+    from ..errors import ModelError, NoGpuError
     from ..model import gpu_missing
 
     missing = gpu_missing()
     if missing:
-        return {"available": False, "reason": missing, "passed": True}
+        return {"available": False, "reason": missing}
     report: dict = {"available": True, "modes": {}}
     for mode, gate in gates.items():
         try:
             model = Cnn14Model.from_bytes(model_bytes, name="<converted model>", accelerator="gpu",
                                           gpu_precision=mode)
+        except NoGpuError as exc:
+            return {"available": False, "reason": exc.reason}
         except ModelError as exc:  # not fully accelerated, failed to load, or failed its probe
             report["modes"][mode] = {"passed": gate is None, "gated": gate is not None, "error": exc.reason}
             continue

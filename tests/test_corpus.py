@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from soundtag import Tagger, TaggerOptions
+from soundtag import Tagger, TaggerOptions, corpus
 from soundtag.cli import main
+from soundtag.files import FileLock
 from tests.fixtures import SR, scene, write_wav
 
 ray = pytest.importorskip("ray", reason="soundtag[ray] not installed")
@@ -80,6 +82,7 @@ def test_corpus_resume_after_a_killed_run(local_ray, archive, int8, tmp_path, ca
     files[0].unlink()  # never written
     data = files[1].read_bytes()
     files[1].write_bytes(data[: len(data) // 2])  # cut by the kill
+    cut = files[1].read_bytes()
     write_wav(archive / "broken.wav", scene(3, seed=1), SR)  # the error is fixed now
     try:
         code, _, err = run(capsys, "corpus", archive, "--output", out, "--model", int8)
@@ -89,10 +92,145 @@ def test_corpus_resume_after_a_killed_run(local_ray, archive, int8, tmp_path, ca
         df = _read(out)
         assert sorted(df.index) == sorted(str(p) for p in archive.rglob("*") if p.is_file())
         assert df["error"].isna().all()
+        assert (out / "_unreadable" / files[1].name).read_bytes() == cut  # moved aside, never deleted
         code, _, err = run(capsys, "corpus", archive, "--output", out, "--model", int8, "--resume")
         assert code == 0 and "0 tagged, 0 failed, 7 skipped" in err
     finally:
         (archive / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+
+
+@pytest.fixture(scope="module")
+def tagged(local_ray, archive, int8, tmp_path_factory) -> Path:
+    """A folder one corpus run wrote: two tagged inputs and an error row (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("tagged") / "out"
+    code = main(["corpus", str(archive / "a0.wav"), str(archive / "a1.wav"), str(archive / "broken.wav"),
+                 "--output", str(out), "--model", str(int8)])
+    assert code == 1
+    return out
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_corpus_folder_has_a_manifest(tagged, archive, int8):
+    """The manifest names the model (sha256 of its file), the options and the run that wrote each file;
+    readers of the folder see only the rows (names starting with _ are not data)."""
+    import hashlib
+    import json
+
+    manifest = json.loads((tagged / "_soundtag_corpus.json").read_text())
+    assert manifest["model_sha256"] == hashlib.sha256(int8.read_bytes()).hexdigest()
+    assert manifest["options"]["hop_s"] == 10.0 and manifest["options"]["top_k"] == 5
+    files = list(tagged.glob("*.parquet"))
+    assert len(manifest["runs"]) == 1 and files and all(p.name.startswith(manifest["runs"][0] + "_") for p in files)
+    assert sorted(_read(tagged).index) == sorted(str(archive / n) for n in ("a0.wav", "a1.wav", "broken.wav"))
+
+
+@pytest.mark.parametrize("foreign", ["other-schema", "not-parquet", "soundtag-tag-output"])
+def test_corpus_refuses_a_folder_it_did_not_write(archive, int8, tmp_path, capsys, foreign):
+    """A folder of someone else's Parquet files (no manifest) is refused with one line; nothing is touched."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from soundtag.writers import parquet_schema
+
+    out = tmp_path / "theirs"
+    out.mkdir()
+    if foreign == "other-schema":
+        pq.write_table(pa.table({"id": [1, 2], "label": ["a", "b"]}), out / "data.parquet")
+    elif foreign == "not-parquet":
+        (out / "data.parquet").write_bytes(b"PAR1 something else, or still being written")
+    else:  # the very schema corpus writes, from somewhere else
+        pq.write_table(pa.Table.from_pylist([{"path": str(archive / "a0.wav"), "error": None}],
+                                            schema=parquet_schema()), out / "data.parquet")
+    before = _snapshot(out)
+    code, _, err = run(capsys, "corpus", archive / "a0.wav", "--output", out, "--model", int8, "--resume")
+    assert code == 2 and _one_line(err).startswith(f"soundtag: {out}: holds Parquet files that soundtag corpus did not write")
+    assert _snapshot(out) == before
+
+
+def test_corpus_refuses_a_foreign_file_among_its_own(tagged, archive, int8, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = shutil.copytree(tagged, tmp_path / "out")
+    pq.write_table(pa.table({"path": ["x.wav"], "error": [None]}), out / "extra.parquet")
+    before = _snapshot(out)
+    code, _, err = run(capsys, "corpus", archive / "a0.wav", "--output", out, "--model", int8, "--resume")
+    assert code == 2 and f"{out / 'extra.parquet'}: was not written by soundtag corpus" in _one_line(err)
+    assert _snapshot(out) == before
+
+
+def test_corpus_refuses_another_model_or_other_options(tagged, archive, models, int8, tmp_path, capsys):
+    out = shutil.copytree(tagged, tmp_path / "out")
+    before = _snapshot(out)
+    code, _, err = run(capsys, "corpus", archive / "a2.wav", "--output", out, "--model",
+                       models / "cnn14_audioset_fp32.tflite", "--resume")
+    assert code == 2 and "was tagged with another model (cnn14_audioset_int8.tflite" in _one_line(err)
+    code, _, err = run(capsys, "corpus", archive / "a2.wav", "--output", out, "--model", int8, "--resume",
+                       "--hop", "5")
+    assert code == 2 and "was tagged with other options: hop_s 10.0 (now 5.0)" in _one_line(err)
+    assert _snapshot(out) == before
+
+
+def test_corpus_folder_is_locked(local_ray, archive, int8, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    held = FileLock(out / "_soundtag_corpus.lock", "another run")
+    try:
+        code, _, err = run(capsys, "corpus", archive / "a0.wav", "--output", out, "--model", int8)
+        assert code == 2 and f"{out}: in use by another soundtag run" in _one_line(err)
+        assert not list(out.glob("*.parquet"))
+    finally:
+        held.release()
+
+
+def test_corpus_resume_changes_nothing_when_a_file_cannot_be_read(tagged, archive, int8, tmp_path, capsys,
+                                                                 monkeypatch):
+    """A permission or I/O error is not a file cut by a kill: the run stops before it moves or rewrites
+    anything (the error row stays until a resume can read every file)."""
+    import builtins
+
+    out = shutil.copytree(tagged, tmp_path / "out")
+    victim = sorted(out.glob("*.parquet"))[-1]
+    before = _snapshot(out)
+
+    def no_permission(path, *args, **kwargs):
+        if Path(path) == victim:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(corpus, "open", no_permission, raising=False)
+    code, _, err = run(capsys, "corpus", archive / "a0.wav", "--output", out, "--model", int8, "--resume")
+    assert code == 2 and _one_line(err) == (f"soundtag: {victim}: cannot read it (Permission denied); fix that and "
+                                            "rerun with --resume (nothing was changed)")
+    assert _snapshot(out) == before
+
+
+def test_corpus_resume_disk_full_while_dropping_error_rows(tagged, archive, int8, tmp_path, capsys, monkeypatch):
+    """Error rows are dropped by writing the file anew beside itself: a full disk meanwhile leaves it whole."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    out = shutil.copytree(tagged, tmp_path / "out")
+    before = _snapshot(out)
+
+    def disk_full(table, where, *args, **kwargs):
+        where.write(b"PAR1")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    code, _, err = run(capsys, "corpus", archive / "a0.wav", "--output", out, "--model", int8, "--resume")
+    assert code == 2 and "cannot write it anew without its error rows (No space left on device)" in _one_line(err)
+    assert _snapshot(out) == before  # no temp file left either
 
 
 def test_corpus_inputs_from_path_tables(local_ray, archive, int8, tmp_path, capsys):

@@ -152,7 +152,8 @@ def test_corpus_refuses_a_folder_it_did_not_write(archive, int8, tmp_path, capsy
                                             schema=parquet_schema()), out / "data.parquet")
     before = _snapshot(out)
     code, _, err = run(capsys, "corpus", archive / "a0.wav", "--output", out, "--model", int8, "--resume")
-    assert code == 2 and _one_line(err).startswith(f"soundtag: {out}: holds Parquet files that soundtag corpus did not write")
+    assert code == 2
+    assert _one_line(err).startswith(f"soundtag: {out}: holds Parquet files that soundtag corpus did not write")
     assert _snapshot(out) == before
 
 

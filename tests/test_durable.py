@@ -44,7 +44,8 @@ def test_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
     first = FileLock(path, "x")
     with pytest.raises(OutputError) as err:
         FileLock(path, "x")
-    assert str(err.value) == f"x: in use by another soundtag run (pid {os.getpid()}); wait for it or choose another --output"
+    assert str(err.value) == (f"x: in use by another soundtag run (pid {os.getpid()}); wait for it or choose "
+                              "another --output")
     first.release()
     FileLock(path, "x").release()
 

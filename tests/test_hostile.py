@@ -245,6 +245,36 @@ def test_window_rule_streaming_equals_closed_form_and_is_bounded():
     assert peak < 4 * 320_000 * 4  # a few windows' worth (one is 1.28 MB), not an hour (460 MB)
 
 
+def test_window_cutter_cuts_one_window_at_a_time_and_tiny_blocks_cost_their_size():
+    """Issue #18: one big block at a tiny hop is many windows, cut as they are taken (it was one list of
+    copies: 556 x 1.28 MB for one WebSocket message); a tiny block costs its own size, not a copy of the
+    window buffer (it was one np.concatenate of up to 1.28 MB per block)."""
+    import tracemalloc
+
+    from soundtag.windows import WindowCutter
+
+    x = np.arange(200_000, dtype=np.float32)
+    cutter = WindowCutter(hop=10, window=10_000)
+    tracemalloc.start()
+    n = 0
+    for start, real, w in cutter.push(x):  # 19 001 windows of 40 kB: 760 MB if held at once
+        assert real == 10_000 and w[0] == start and w[-1] == start + 9_999
+        n += 1
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == (200_000 - 10_000) // 10 + 1 and peak < 5 * 10_000 * 4, peak
+
+    cutter = WindowCutter(hop=3200, window=320_000)
+    list(cutter.push(np.zeros(400_000, np.float32)))  # the buffer is there and full
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for _ in range(200):
+        list(cutter.push(np.ones(10, np.float32)))
+    grown = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    assert grown < 64 * 1024, grown  # not one 1.28 MB concatenation per block
+
+
 def test_last_window_is_real_audio(tagger, body, tmp_path):
     """20 s + 1 sample: windows at 0, 10 s and 10 s + 1 sample; no window of 1 real sample + zeros."""
     x = scene(20, seed=5)

@@ -32,11 +32,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *flags: str) -> None:
+    def __init__(self, model: Path, *flags: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "soundtag", "serve", "--model", str(model), "--port",
-                                      str(self.port), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                      str(self.port), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env={**os.environ, **(env or {})})
         end = time.time() + 90
         while time.time() < end:
             try:
@@ -263,3 +264,16 @@ def test_malformed_form_is_one_line_422(server, uploads):
     assert r.status_code == 422 and set(r.json()) == {"error"} and r.json()["error"].startswith("top_k: ")
     r = httpx.post(server.url + "/v1/tags", data={"top_k": "3"}, timeout=60)
     assert r.status_code == 422 and r.json()["error"].startswith("file: ")
+
+
+def test_chunked_upload_over_the_limit_is_413(server):
+    """Issue #18: (--max-upload-mb 8) a body without Content-Length that streams past the limit."""
+
+    def chunks():
+        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n"
+        for _ in range(10):
+            yield b"\0" * 1_000_000
+
+    r = httpx.post(server.url + "/v1/tags", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=x"},
+                   timeout=60)
+    assert r.status_code == 413 and "--max-upload-mb" in r.json()["error"]

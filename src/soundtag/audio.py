@@ -55,13 +55,15 @@ class AudioStream:
     """Iterate float32 mono 32 kHz blocks of a file. ``frames`` counts source frames read so far.
 
     ``source``: a path, or a seekable binary file object (then ``name`` labels it in errors).
-    ``max_duration_s``: inputs declaring or decoding to more than this are refused.
+    ``max_duration_s``: inputs declaring or decoding to more than this are refused; ``limit`` names
+    the limit in that error (the flag that sets it).
     """
 
     def __init__(self, source, block_s: float = BLOCK_SECONDS, max_duration_s: float = DEFAULT_MAX_DURATION_S,
-                 name: str | None = None) -> None:
+                 name: str | None = None, limit: str = "--max-duration") -> None:
         self.block_s = block_s
         self.max_duration_s = max_duration_s
+        self.limit = limit
         self.frames = 0
         self._owned = isinstance(source, (str, os.PathLike))  # we opened it, we close it
         if self._owned:
@@ -93,7 +95,7 @@ class AudioStream:
         declared = self._source.declared_frames
         if declared and declared / sr > self.max_duration_s:
             raise TooLongError(f"declares {_span(declared / sr)} of audio, more than the maximum "
-                             f"{_span(self.max_duration_s)} (--max-duration)", self.path)
+                             f"{_span(self.max_duration_s)} ({self.limit})", self.path)
 
     @property
     def duration_s(self) -> float:
@@ -123,7 +125,7 @@ class AudioStream:
                                      "float32 resampling: not audio, or wrongly scaled float data", self.path)
                 self.frames += block.shape[0]
                 if self.frames > max_frames:
-                    raise TooLongError(f"longer than the maximum {_span(self.max_duration_s)} (--max-duration)", self.path)
+                    raise TooLongError(f"longer than the maximum {_span(self.max_duration_s)} ({self.limit})", self.path)
                 mono = downmix(block)
                 out = mono if resampler is None else resampler.resample_chunk(mono)
                 if out.size:

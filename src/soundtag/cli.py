@@ -105,8 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, default=1, help="interpreters, i.e. windows tagged at once (default 1)")
     v.add_argument("--queue", type=int, default=8, help="uploads that may wait for a turn; more get 429 (default 8)")
     v.add_argument("--max-upload-mb", type=_finite("--max-upload-mb"), default=100.0, help="larger uploads get 413")
-    v.add_argument("--max-duration-s", type=_finite("--max-duration-s"), default=3600.0, help="longer audio gets 413")
-    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and the page")
+    v.add_argument("--max-duration-s", type=_finite("--max-duration-s"), default=3600.0,
+                   help="longer audio gets 413, a longer stream is closed (default 3600)")
+    v.add_argument("--max-windows", type=int, default=1000,
+                   help="an upload or stream of more windows at its hop gets 413 / is closed (default 1000)")
+    v.add_argument("--read-timeout-s", type=_finite("--read-timeout-s"), default=30.0,
+                   help="a request's headers within this, its body never paused longer (default 30)")
+    v.add_argument("--max-connections", type=int, default=64, help="open connections; 503 beyond (default 64)")
+    v.add_argument("--max-streams", type=int, default=4, help="WebSocket streams at once (default 4)")
+    v.add_argument("--stream-idle-s", type=_finite("--stream-idle-s"), default=30.0,
+                   help="close a stream that sends nothing for this long (default 30)")
+    v.add_argument("--allowed-host", nargs="+", action="extend", default=[], metavar="NAME",
+                   help="Host names accepted besides the bound address ('*': any)")
+    v.add_argument("--allowed-origin", nargs="+", action="extend", default=[], metavar="ORIGIN",
+                   help="browser origins (scheme://host:port) that may use the server besides its own page")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and the page "
+                                     "(visible in ps: prefer --api-key-file or $SOUNDTAG_API_KEY)")
+    v.add_argument("--api-key-file", metavar="FILE", help="read the API key from the first line of FILE")
     v.add_argument("--threads", type=int, help="LiteRT threads per interpreter")
     _add_tag_options(v)
 
@@ -462,21 +477,32 @@ def _cmd_corpus(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from .errors import OptionsError
+    from .errors import ModelError, OptionsError
 
     options = _tagger_options(args, args.threads)
     try:
-        from .serve import ServeConfig, serve
+        from .serve import ServeConfig, read_api_key, serve
 
         config = ServeConfig(options, workers=args.workers, queue=args.queue, max_upload_mb=args.max_upload_mb,
-                             max_duration_s=args.max_duration_s, api_key=args.api_key)
+                             max_duration_s=args.max_duration_s, max_windows=args.max_windows,
+                             api_key=read_api_key(args.api_key, args.api_key_file), host=args.host, port=args.port,
+                             read_timeout_s=args.read_timeout_s, max_connections=args.max_connections,
+                             max_streams=args.max_streams, stream_idle_s=args.stream_idle_s,
+                             allowed_hosts=tuple(args.allowed_host), allowed_origins=tuple(args.allowed_origin))
     except OptionsError as exc:
         raise UsageError(str(exc)) from None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        _err(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it")
+    from .tagger import Tagger
+
+    try:  # the model and the options it must serve (--embeddings), checked before the port opens
+        Tagger(options)
+    except ModelError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        _err(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it")
     _err(f"serving {options.model_path or 'the cached model'} on http://{args.host}:{args.port}/")
     try:
-        serve(config, host=args.host, port=args.port)
+        serve(config)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_OK

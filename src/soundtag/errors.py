@@ -34,6 +34,10 @@ class TooLongError(AudioError):
     """An input that declares or decodes to more than the allowed duration (--max-duration)."""
 
 
+class CancelledError(SoundtagError, RuntimeError):
+    """Work stopped between two windows because its caller said so (a server's client has gone)."""
+
+
 class MicrophoneError(SoundtagError, RuntimeError):
     """No microphone: sounddevice or PortAudio missing, no input device, or one that cannot open."""
 

@@ -8,6 +8,7 @@ one running clip aggregate, however long it runs.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import features
 from .audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, downmix
-from .errors import AudioError, OptionsError
+from .errors import AudioError, CancelledError, OptionsError, TooLongError
 from .labels import labels
 from .results import Category, Event, tags_record
 from .windows import WindowCutter
@@ -69,7 +70,8 @@ def decode_pcm(data: bytes, encoding: str, channels: int) -> np.ndarray:
 class TagStream:
     """Incremental tagging of one live input (see the module docstring). Build with ``Tagger.stream``."""
 
-    def __init__(self, tagger, sample_rate: int, channels: int = 1, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, tagger, sample_rate: int, channels: int = 1, clock: Callable[[], float] = time.perf_counter,
+                 limit: tuple[float, str] | None = None):
         import soxr
 
         if not (isinstance(sample_rate, int) and MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE):
@@ -86,6 +88,8 @@ class TagStream:
         self._clip: np.ndarray | None = None  # running max, or running sum for the mean
         self._open: dict[int, list] = {}  # class -> [start_s, end_s, score] of the open event
         self.closed = False
+        self.limit = limit  # (seconds, flag): more audio than this is refused (TaggerOptions.duration_limit)
+        self.cancel = threading.Event()  # set from another thread: feed stops between two windows
 
     @property
     def duration_s(self) -> float:
@@ -104,6 +108,8 @@ class TagStream:
             raise AudioError(f"expected samples shaped [frames, {self.channels}], got {list(x.shape)}")
         if x.size and not np.isfinite(x).all():
             raise AudioError(f"non-finite sample (NaN or Inf) near {self.duration_s:.3f} s")
+        if self.limit is not None and (self._frames + x.shape[0]) / self.sample_rate > self.limit[0]:
+            raise TooLongError(f"the stream is longer than the maximum {self.limit[0]:g} s ({self.limit[1]})")
         self._frames += x.shape[0]
         mono = downmix(x)
         if self._resampler is not None:
@@ -136,6 +142,8 @@ class TagStream:
         scorer = self.tagger.scorer
         out: list = []
         for start, n, wave in windows:
+            if self.cancel.is_set():
+                raise CancelledError(f"cancelled after {self._windows} window(s)")
             lm = self.tagger.model.features(wave)
             if not np.isfinite(lm).all():
                 raise AudioError(f"non-finite model input in the window at {start / sr:.2f} s")

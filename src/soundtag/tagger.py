@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import features
 from .audio import DEFAULT_MAX_DURATION_S, AudioStream, downmix
-from .errors import AudioError, ModelError, OptionsError
+from .errors import AudioError, CancelledError, ModelError, OptionsError
 from .labels import NUM_CLASSES
 from .model import ACCELERATORS, GPU_PRECISIONS, Cnn14Model
 from .paths import resolve_model_path
@@ -29,6 +30,7 @@ from .windows import WINDOW_S, iter_windows, prefetch
 log = logging.getLogger(__name__)
 
 MIN_HOP_S = 0.1  # s; a finer hop only repeats the model on near-identical windows
+MAX_HOP_S = 7 * 24 * 3600.0  # s; a hop of a week: longer than any input soundtag accepts by default
 MAX_THREADS = 64  # LiteRT threads per process, whatever is asked
 
 
@@ -47,6 +49,7 @@ class TaggerOptions:
     num_threads: int | None = None  # LiteRT CPU threads; None: one per core up to 4
     prefetch: bool = True  # decode + log-mel the next window in a thread while the model runs
     max_duration_s: float = DEFAULT_MAX_DURATION_S  # longer inputs are refused (s)
+    max_windows: int | None = None  # inputs of more windows at hop_s are refused (None: no limit; a server's cap)
     embeddings: bool = False  # also the 2048-d embedding per window and per clip (fp32/int8 models)
     accelerator: str = "cpu"  # "cpu", "gpu" (LiteRT's GPU accelerator, proven by a probe) or "auto"
     gpu_precision: str | None = None  # GPU arithmetic "fp16" or "fp32"; None: fp16 for the fp16 log-mel model, else fp32
@@ -58,6 +61,11 @@ class TaggerOptions:
             raise OptionsError(f"hop_s must be a number of seconds, got {self.hop_s!r}") from None
         if not (math.isfinite(hop) and hop >= MIN_HOP_S):
             raise OptionsError(f"hop_s must be a finite number of seconds >= {MIN_HOP_S}, got {self.hop_s!r}")
+        if hop > MAX_HOP_S:  # beyond any input's length, and 1e308 s is no sample count
+            raise OptionsError(f"hop_s must be at most {MAX_HOP_S:g} s, got {self.hop_s!r}")
+        if self.max_windows is not None and (isinstance(self.max_windows, bool) or not isinstance(self.max_windows, int)
+                                             or self.max_windows < 1):
+            raise OptionsError(f"max_windows must be an integer >= 1, got {self.max_windows!r}")
         if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
                                              or self.num_threads < 1):
             raise OptionsError(f"num_threads must be an integer >= 1, got {self.num_threads!r}")
@@ -76,6 +84,17 @@ class TaggerOptions:
     @property
     def hop_samples(self) -> int:
         return round(float(self.hop_s) * features.SAMPLE_RATE)
+
+    def duration_limit(self) -> tuple[float, str]:
+        """(seconds, the flag that sets it): the longest input accepted, from max_duration_s and, with
+        max_windows, the duration whose windows at hop_s stay within it (window rule: at most
+        1 + (duration - 10 s) / hop + 1 windows)."""
+        limit = (float(self.max_duration_s), "--max-duration")
+        if self.max_windows is not None:
+            by_windows = WINDOW_S + max(0, self.max_windows - 2) * float(self.hop_s)
+            if by_windows < limit[0]:
+                limit = (by_windows, f"--max-windows {self.max_windows} at a hop of {float(self.hop_s):g} s")
+        return limit
 
     @property
     def threads(self) -> int | None:
@@ -116,11 +135,13 @@ class Tagger:
     def from_model_path(cls, path: str | Path, **options) -> Tagger:
         return cls(TaggerOptions(model_path=str(path), **options))
 
-    def stream(self, sample_rate: int, channels: int = 1):
-        """A TagStream: feed live PCM blocks, get windows and events as they complete (stream.py)."""
+    def stream(self, sample_rate: int, channels: int = 1, limited: bool = False):
+        """A TagStream: feed live PCM blocks, get windows and events as they complete (stream.py).
+        ``limited``: the options' duration limit (duration_limit) applies to the stream's audio too (a
+        server's streams; a microphone may listen for ever)."""
         from .stream import TagStream
 
-        return TagStream(self, sample_rate, channels)
+        return TagStream(self, sample_rate, channels, limit=self.options.duration_limit() if limited else None)
 
     # --- inference -------------------------------------------------------------------------
     def _inputs(self, windows: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -129,9 +150,11 @@ class Tagger:
         for start, n, wave in windows:
             yield start, n, self.model.features(wave)
 
-    def _run(self, feats: Iterable[tuple[int, int, np.ndarray]]) -> _Windows:
+    def _run(self, feats: Iterable[tuple[int, int, np.ndarray]], cancel: threading.Event | None = None) -> _Windows:
         starts, valid, probs, embs = [], [], [], []
         for start, n, lm in feats:
+            if cancel is not None and cancel.is_set():
+                raise CancelledError(f"cancelled after {len(starts)} window(s)")
             if not np.isfinite(lm).all():
                 raise AudioError(f"non-finite model input in the window at {start / features.SAMPLE_RATE:.2f} s")
             p, e = self.model.run(lm)
@@ -159,14 +182,15 @@ class Tagger:
         feats = self._inputs(iter_windows([x], self.hop))
         return self._result(path, duration, self._run(prefetch(feats) if self.options.prefetch else feats))
 
-    def tag_file(self, source, name: str | None = None) -> TagResult:
+    def tag_file(self, source, name: str | None = None, cancel: threading.Event | None = None) -> TagResult:
         """Decode (streaming, any format/rate/channels) and tag a file: a path, or a seekable binary file
-        object (an upload; ``name`` is its path in the result). Raises AudioError on bad input."""
+        object (an upload; ``name`` is its path in the result). Raises AudioError on bad input, and
+        CancelledError, between two windows, once ``cancel`` is set (a server's client has gone)."""
         if hasattr(source, "read"):
             item = (name or str(getattr(source, "name", "<upload>")), source)
         else:
             item = (os.fspath(source), os.fspath(source))
-        _, result, error = next(self._tag_sources([item]))
+        _, result, error = next(self._tag_sources([item], cancel))
         if error is not None:
             raise error
         return result
@@ -180,15 +204,16 @@ class Tagger:
         """
         return self._tag_sources([(os.fspath(p), os.fspath(p)) for p in paths])
 
-    def _tag_sources(self, sources: list[tuple[str, object]]) -> Iterator[tuple[str, TagResult | None, Exception | None]]:
+    def _tag_sources(self, sources: list[tuple[str, object]], cancel: threading.Event | None = None
+                     ) -> Iterator[tuple[str, TagResult | None, Exception | None]]:
         """tag_files over (name, path or binary file object) pairs."""
         paths = [name for name, _ in sources]
-        max_s = self.options.max_duration_s
+        max_s, limit = self.options.duration_limit()
 
         def produce() -> Iterator[tuple[str, object]]:
             for path, source in sources:
                 try:
-                    stream = AudioStream(source, max_duration_s=max_s, name=path)
+                    stream = AudioStream(source, max_duration_s=max_s, name=path, limit=limit)
                     for item in self._inputs(iter_windows(stream, self.hop)):
                         yield path, item
                     yield path, _FileEnd(stream.duration_s)
@@ -211,7 +236,7 @@ class Tagger:
                     yield item
 
             try:
-                w = self._run(windows())  # consumes the file's windows, then its end marker
+                w = self._run(windows(), cancel)  # consumes the file's windows, then its end marker
                 yield path, self._result(path, end[0].duration_s, w), None
             except Exception as exc:
                 if getattr(exc, "path", "") is None:

@@ -30,7 +30,7 @@ def main() -> None:
 
     from soundtag import features
     from soundtag.convert.frontend import LogmelFrontEnd
-    from soundtag.model import Cnn14Model
+    from soundtag.model import Model
     from tests.fixtures import cached_models, scene
 
     models = Path(os.environ["SOUNDTAG_BENCH_MODELS"]) if "SOUNDTAG_BENCH_MODELS" in os.environ else cached_models()
@@ -42,8 +42,8 @@ def main() -> None:
     fe = Interpreter(model_content=bytes(front), num_threads=args.threads)
     fe.allocate_tensors()
     x = scene(10, seed=1)
-    loaded = {p: (Cnn14Model(models / f"cnn14_audioset_{p}.tflite", args.threads),
-                  Cnn14Model(models / f"cnn14_audioset_waveform_{p}.tflite", args.threads)) for p in ("fp32", "fp16")}
+    loaded = {p: (Model(models / f"cnn14_audioset_{p}.tflite", args.threads),
+                  Model(models / f"cnn14_audioset_waveform_{p}.tflite", args.threads)) for p in ("fp32", "fp16")}
 
     def front_end() -> None:
         fe.set_tensor(fe.get_input_details()[0]["index"], x.reshape(1, -1))

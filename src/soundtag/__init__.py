@@ -15,7 +15,8 @@ from .errors import (
 )
 from .features import logmel
 from .labels import labels
-from .model import Cnn14Model
+from .model import Cnn14Model, Model
+from .spec import FrontEnd, ModelSpec
 from .results import Category, Event, TagResult, WindowResult
 from .tagger import Tagger, TaggerOptions
 
@@ -24,6 +25,9 @@ __all__ = [
     "AudioStream",
     "Category",
     "Cnn14Model",
+    "FrontEnd",
+    "Model",
+    "ModelSpec",
     "Event",
     "FetchError",
     "InferenceError",

@@ -1,4 +1,4 @@
-"""Decode any audio file to float32 mono 32 kHz, in blocks, so memory does not grow with duration.
+"""Decode any audio file to float32 mono at a model's rate (32 kHz for CNN14), in blocks, so memory does not grow with duration.
 
 libsndfile formats (wav, flac, ogg/vorbis, opus, mp3, ...) go through soundfile; everything else
 FFmpeg reads (m4a/aac, wma, video containers) through PyAV. Channels are averaged (as librosa's
@@ -24,7 +24,7 @@ import numpy as np
 import soxr
 
 from .errors import AudioError, TooLongError
-from .features import SAMPLE_RATE
+from .spec import CNN14
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class AudioInfo:
 
 
 class AudioStream:
-    """Iterate float32 mono 32 kHz blocks of a file. ``frames`` counts source frames read so far.
+    """Iterate float32 mono blocks of a file at ``sample_rate`` (a model's: ``spec.sample_rate``).
+    ``frames`` counts source frames read so far.
 
     ``source``: a path, or a seekable binary file object (then ``name`` labels it in errors).
     ``max_duration_s``: inputs declaring or decoding to more than this are refused; ``limit`` names
@@ -60,8 +61,9 @@ class AudioStream:
     """
 
     def __init__(self, source, block_s: float = BLOCK_SECONDS, max_duration_s: float = DEFAULT_MAX_DURATION_S,
-                 name: str | None = None, limit: str = "--max-duration") -> None:
+                 name: str | None = None, limit: str = "--max-duration", sample_rate: int = CNN14.sample_rate) -> None:
         self.block_s = block_s
+        self.sample_rate = sample_rate  # Hz, of the blocks it yields
         self.max_duration_s = max_duration_s
         self.limit = limit
         self.frames = 0
@@ -109,7 +111,8 @@ class AudioStream:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         sr, ch = self.info.sample_rate, self.info.channels
-        resampler = None if sr == SAMPLE_RATE else soxr.ResampleStream(sr, SAMPLE_RATE, 1, "float32", SOXR_QUALITY)
+        rate = self.sample_rate
+        resampler = None if sr == rate else soxr.ResampleStream(sr, rate, 1, "float32", SOXR_QUALITY)
         blocksize = max(1, min(int(self.block_s * sr), BLOCK_MAX_VALUES // ch))
         max_frames = self.max_duration_s * sr
         try:
@@ -161,9 +164,10 @@ def downmix(block: np.ndarray) -> np.ndarray:
     return mono
 
 
-def load_audio(source, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> tuple[np.ndarray, AudioInfo, float]:
-    """Whole file as float32 mono 32 kHz, with its info and source duration in seconds."""
-    stream = AudioStream(source, max_duration_s=max_duration_s)
+def load_audio(source, max_duration_s: float = DEFAULT_MAX_DURATION_S, sample_rate: int = CNN14.sample_rate
+               ) -> tuple[np.ndarray, AudioInfo, float]:
+    """Whole file as float32 mono at ``sample_rate``, with its info and source duration in seconds."""
+    stream = AudioStream(source, max_duration_s=max_duration_s, sample_rate=sample_rate)
     blocks = list(stream)
     return np.concatenate(blocks), stream.info, stream.duration_s
 

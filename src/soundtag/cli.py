@@ -61,7 +61,7 @@ def _finite(kind: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .scoring import AGGREGATES
-    from .windows import WINDOW_S
+    from .spec import DEFAULT_WINDOW_S as WINDOW_S
     from .writers import FORMATS
 
     p = _Parser(prog="soundtag", description="AudioSet sound-event tagging with PANNs CNN14 on LiteRT.")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     li = sub.add_parser("listen", help="tag live audio: raw PCM on stdin ('-') or the microphone ([mic])")
     li.add_argument("source", nargs="?", metavar="SOURCE", help="'-': raw interleaved PCM on stdin; left out: the microphone")
-    li.add_argument("--rate", type=int, metavar="HZ", help="input sample rate (default 32000 on stdin; the device's for a microphone)")
+    li.add_argument("--rate", type=int, metavar="HZ", help="input sample rate (default: the model's on stdin, 32000 for CNN14; the device's for a microphone)")
     li.add_argument("--channels", type=int, default=1, help="interleaved channels, averaged to mono (default 1)")
     li.add_argument("--encoding", default="f32le", help="stdin sample format: f32le, s16le or s32le (default f32le)")
     li.add_argument("--device", type=int, metavar="N", help="microphone: sounddevice input device index (default: the default input)")
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_tag_options(p: argparse.ArgumentParser) -> None:
     """The model and report options shared by tag and corpus."""
     from .scoring import AGGREGATES
-    from .windows import WINDOW_S
+    from .spec import DEFAULT_WINDOW_S as WINDOW_S
 
     p.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
     p.add_argument("--top-k", type=int, default=5, help="tags per clip and per window (1-527, default 5)")

@@ -31,7 +31,7 @@ from .files import atomic_write_bytes
 from .labels import NUM_CLASSES, labels, lookup
 from .results import error_reason
 from .scoring import AGGREGATES
-from .windows import WINDOW_S
+from .spec import DEFAULT_WINDOW_S as WINDOW_S
 
 log = logging.getLogger(__name__)
 

@@ -37,24 +37,28 @@ def labels() -> tuple[Label, ...]:
     return out
 
 
-@lru_cache(maxsize=1)
-def _by_key() -> dict[str, int]:
-    table: dict[str, int] = {}
-    for lab in labels():
-        table[lab.mid] = lab.index
-        table[lab.name.casefold()] = lab.index
-    return table
+@lru_cache(maxsize=8)
+def _by_key(table: tuple[Label, ...]) -> dict[str, int]:
+    keys: dict[str, int] = {}
+    for lab in table:
+        keys[lab.mid] = lab.index
+        keys[lab.name.casefold()] = lab.index
+    return keys
 
 
-def lookup(key: str) -> int:
-    """Class index of a display name (case-insensitive) or a MID.
+def lookup(key: str, table: tuple[Label, ...] | None = None) -> int:
+    """Class index of a display name (case-insensitive) or a MID in ``table`` (a model's labels,
+    spec.labels; default the AudioSet classes).
 
     Raises UnknownClassError (a KeyError) naming the closest labels when the key is unknown.
     """
-    index = _by_key().get(key) if key.startswith("/") else _by_key().get(key.casefold())
+    table = labels() if table is None else table
+    keys = _by_key(table)
+    index = keys.get(key) if key.startswith("/") else keys.get(key.casefold())
     if index is not None:
         return index
-    names = [lab.name for lab in labels()]
+    names = [lab.name for lab in table]
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownClassError(f"unknown AudioSet class {key!r}{hint}")
+    what = "AudioSet class" if table is labels() else "class of this model"
+    raise UnknownClassError(f"unknown {what} {key!r}{hint}")

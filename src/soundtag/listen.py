@@ -11,6 +11,7 @@ rich are imported only when a microphone or a terminal view is used (``pip insta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 STDIN = "-"  # the SOURCE that means raw PCM on stdin
 STDIN_NAME = "stdin"  # how errors about stdin name their input
-DEFAULT_RATE = 32_000  # Hz; stdin PCM unless told otherwise (the model's rate: nothing to resample)
 READ_SECONDS = 0.1  # s of frames asked for per stdin read (a read returns what has arrived, up to this)
 MIC_BLOCK_SECONDS = 0.1  # s of frames per microphone callback
 MIC_QUEUE_SECONDS = 60.0  # s of captured audio held while the model catches up; later blocks are dropped
@@ -48,7 +48,7 @@ class ListenOptions:
     """Where the audio comes from and how results are shown. Validated on construction."""
 
     source: str | None = None  # "-": raw interleaved PCM on stdin; None: the microphone
-    sample_rate: int | None = None  # Hz; None: 32000 on stdin, the device's default rate for a microphone
+    sample_rate: int | None = None  # Hz; None: the model's rate on stdin (nothing to resample), the device's default for a microphone
     channels: int = 1  # interleaved channels, averaged to mono
     encoding: str = "f32le"  # stdin sample format (a microphone always gives float32)
     device: int | None = None  # sounddevice input device index; None: the default input
@@ -253,7 +253,9 @@ def open_microphone(device: int | None, sample_rate: int | None, channels: int) 
 def open_source(options: ListenOptions, stdin: BinaryIO | None = None) -> PcmReader | Microphone:
     """The input the options name: stdin PCM, or a microphone checked now (before any model loads)."""
     if options.source == STDIN:
-        return PcmReader(stdin if stdin is not None else sys.stdin.buffer, options.sample_rate or DEFAULT_RATE,
+        if options.sample_rate is None:
+            raise OptionsError("stdin PCM needs its sample rate (run() gives the model's)")
+        return PcmReader(stdin if stdin is not None else sys.stdin.buffer, options.sample_rate,
                          options.channels, options.encoding)
     return open_microphone(options.device, options.sample_rate, options.channels)
 
@@ -420,6 +422,10 @@ def run(tagger_options, options: ListenOptions, out: TextIO | None = None, stdin
     from .tagger import Tagger
 
     out = out if out is not None else sys.stdout
-    source = open_source(options, stdin)
-    tagger = Tagger(tagger_options)
+    if options.source == STDIN and options.sample_rate is None:  # PCM at the model's own rate
+        tagger = Tagger(tagger_options)
+        source = open_source(dataclasses.replace(options, sample_rate=tagger.spec.sample_rate), stdin)
+    else:
+        source = open_source(options, stdin)
+        tagger = Tagger(tagger_options)
     return listen(tagger, source, make_view(options.view, out))

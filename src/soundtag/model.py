@@ -1,4 +1,8 @@
-"""LiteRT CNN14 body: log-mel [1, 1, 1001, 64] float32 in, probabilities [1, 527] float32 out.
+"""A LiteRT PANNs model: what its spec says in (log-mel [1, 1, frames, mels] or a waveform window),
+probabilities [1, classes] out, and optionally its embedding.
+
+The model's numbers (sample rate, window, front end, labels, embedding size) come from the spec in
+the file (spec.py), or, for a file without one, from its signature (the model card's CNN14).
 
 One wrapper for every user of a model: the tagger, and the converter's validation, which runs the
 bytes it is about to write through ``Cnn14Model.from_bytes`` so the gate tests the code that ships.
@@ -38,18 +42,12 @@ import numpy as np
 
 from . import features
 from .errors import InferenceError, ModelError, NoGpuError
-from .features import CLIP_SAMPLES, N_FRAMES, N_MELS
-from .files import atomic_write_bytes, file_chunks
-from .labels import NUM_CLASSES
+from .files import atomic_write_bytes, create_beside, file_chunks
 from .paths import weight_cache_dir
+from .spec import ModelSpec, from_signature, read_spec
 
 log = logging.getLogger(__name__)
 
-INPUT_SHAPE = (1, 1, N_FRAMES, N_MELS)  # log-mel, the model card's layout
-WAVEFORM_SHAPE = (1, CLIP_SAMPLES)  # the waveform model's input: 10 s mono at 32 kHz, log-mel in the graph
-INPUT_KINDS = {INPUT_SHAPE: "logmel", WAVEFORM_SHAPE: "waveform"}
-OUTPUT_SHAPE = (1, NUM_CLASSES)  # sigmoid probabilities
-EMBEDDING_SHAPE = (1, 2048)  # optional second output: fc1 + ReLU, upstream CNN14's `embedding`
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # XNNPACK threads; one per core up to 4
 ACCELERATORS = ("cpu", "gpu", "auto")  # "auto": the GPU when it loads and passes the probe, else the CPU
 # `convert --gpu-check` (issue #18): what a GPU check means for writing the models. A machine without a
@@ -81,11 +79,12 @@ class GpuInfo:
     probe: dict = field(default_factory=dict)  # corr, max_abs_diff, top1 vs the CPU on the speech clip
 
 
-class Cnn14Model:
-    """A loaded .tflite CNN14 body. Call it with a log-mel [1001, 64] or [1, 1, 1001, 64]; a waveform
-    model (``input_kind == "waveform"``, log-mel inside the graph) with 320 000 samples instead.
+class Model:
+    """A loaded .tflite PANNs model; ``spec`` (spec.ModelSpec) says what it is. Call it with the
+    window's input: a log-mel [frames, mels] or [1, 1, frames, mels] (CNN14: [1001, 64]); a waveform
+    model (``input_kind == "waveform"``, log-mel inside the graph) with the window's samples instead.
 
-    Outputs: probabilities float32 [1, 527], and optionally the embedding float32 [1, 2048]
+    Outputs: probabilities float32 [1, classes], and optionally the embedding float32 [1, size]
     (``has_embedding``; the fp32 and int8 models of ``soundtag convert`` carry it, the fp16 model keeps
     the model card's single-output signature).
 
@@ -104,7 +103,7 @@ class Cnn14Model:
 
     @classmethod
     def from_bytes(cls, data: bytes, num_threads: int | None = None, name: str = "<bytes>",
-                   accelerator: str = "cpu", gpu_precision: str | None = None) -> Cnn14Model:
+                   accelerator: str = "cpu", gpu_precision: str | None = None) -> Model:
         """A model from flatbuffer bytes (the converter checks what it is about to write this way)."""
         self = cls.__new__(cls)
         self.path = Path(name)
@@ -131,7 +130,8 @@ class Cnn14Model:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"not a LiteRT model ({' '.join(str(exc).split())})", name) from None
         self.precision = _precision(interp.get_tensor_details())
-        self._cpu = _CpuRunner(interp, name)
+        self.spec = _model_spec(interp, source, name, self.precision)
+        self._cpu = _CpuRunner(interp, name, self.spec)
         self.weight_cache: Path | None = None  # the packed-weights file the CPU runs from, if any
         if cached:
             cache = _CachedCpuRunner.load(source["model_path"], cache_dir, threads, self._cpu)
@@ -140,9 +140,9 @@ class Cnn14Model:
             else:
                 interp = Interpreter(**source, num_threads=threads)
                 interp.allocate_tensors()
-                self._cpu = _CpuRunner(interp, name)
-        self.input_shape = self._cpu.input_shape
-        self.input_kind = INPUT_KINDS[self.input_shape]
+                self._cpu = _CpuRunner(interp, name, self.spec)
+        self.input_shape = self.spec.input_shape
+        self.input_kind = self.spec.input
         self._gpu: _GpuRunner | None = None
         self.accelerator, self.gpu, self.fallback_reason = "cpu", None, None
         if accelerator != "cpu":
@@ -166,18 +166,18 @@ class Cnn14Model:
         return (self._gpu or self._cpu).has_embedding
 
     def features(self, wave: np.ndarray) -> np.ndarray:
-        """The model's input for one 10 s window of 32 kHz samples: the host log-mel, or the samples
-        themselves for a waveform model."""
+        """The model's input for one window of samples at its rate (``spec.window_samples`` at
+        ``spec.sample_rate``): the host log-mel of its front end, or the samples for a waveform model."""
         if self.input_kind == "waveform":
             return np.asarray(wave, dtype=np.float32)
-        return features.logmel(wave)
+        return features.logmel(wave, self.spec.front_end)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Probabilities [527] for one window's input; InferenceError if any is not in [0, 1]."""
+        """Probabilities [classes] for one window's input; InferenceError if any is not in [0, 1]."""
         return self.run(x)[0]
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities [527], embedding [2048] or None) for one window's input (``features``).
+        """(probabilities [classes], embedding [size] or None) for one window's input (``features``).
 
         InferenceError when a probability is not finite or not in [0, 1], or the embedding not finite."""
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.input_shape)
@@ -193,33 +193,34 @@ def _checked(probs: np.ndarray, emb: np.ndarray | None) -> tuple[np.ndarray, np.
     return probs, emb
 
 
-def _output_roles(shapes: list[tuple[int, ...]], name: str) -> tuple[int, int | None]:
-    """Positions of (probabilities, embedding) among the outputs, by shape; ModelError otherwise."""
-    if len(shapes) == 1:
-        return 0, None
-    if len(shapes) == 2 and set(shapes) == {OUTPUT_SHAPE, EMBEDDING_SHAPE}:
-        return shapes.index(OUTPUT_SHAPE), shapes.index(EMBEDDING_SHAPE)
-    raise ModelError(f"outputs are {', '.join(str(list(s)) for s in shapes)}, expected float32{list(OUTPUT_SHAPE)} "
-                     f"and optionally float32{list(EMBEDDING_SHAPE)} (not a CNN14 AudioSet model)", name)
+def _model_spec(interp, source: dict, name: str, precision: str) -> ModelSpec:
+    """The file's spec (spec.read_spec), held against its tensors; for a file without one, the spec
+    its signature implies (the model card's CNN14). ModelError (one line) when they disagree."""
+    inputs, outputs = interp.get_input_details(), interp.get_output_details()
+    if len(inputs) != 1 or len(outputs) not in (1, 2):
+        raise ModelError(f"expected 1 input and 1 or 2 outputs, found {len(inputs)} and {len(outputs)}: "
+                         "not a soundtag model", name)
+    for kind, det in [("input", inputs[0])] + [("output", o) for o in outputs]:
+        if det["dtype"] != np.float32:
+            raise ModelError(f"{kind} is {np.dtype(det['dtype']).name}, expected float32: not a soundtag model", name)
+    shape_in = tuple(int(d) for d in inputs[0]["shape"])
+    shapes_out = [tuple(int(d) for d in o["shape"]) for o in outputs]
+    spec = read_spec(source.get("model_path") or source["model_content"], name)
+    if spec is None:
+        return from_signature(shape_in, shapes_out, name).with_precision(precision)
+    spec.check_signature(shape_in, shapes_out, name)
+    if spec.precision is not None and spec.precision != precision:
+        raise ModelError(f"its spec says {spec.precision} weights, but its tensors are {precision}", name)
+    return spec.with_precision(precision)
 
 
 class _CpuRunner:
     """LiteRT's Interpreter (XNNPACK): the default runtime and the GPU probe's reference."""
 
-    def __init__(self, interp, name: str) -> None:
+    def __init__(self, interp, name: str, spec: ModelSpec) -> None:
         inputs, outputs = interp.get_input_details(), interp.get_output_details()
-        if len(inputs) != 1 or len(outputs) not in (1, 2):
-            raise ModelError(f"expected 1 input and 1 or 2 outputs, found {len(inputs)} and {len(outputs)}", name)
-        p, e = _output_roles([tuple(int(d) for d in o["shape"]) for o in outputs], name)
-        self.input_shape = tuple(int(d) for d in inputs[0]["shape"])
-        if self.input_shape not in INPUT_KINDS:
-            self.input_shape = INPUT_SHAPE  # reported below as a mismatch with the log-mel layout
-        for kind, det, shape in (("input", inputs[0], self.input_shape), ("output", outputs[p], OUTPUT_SHAPE)) + (
-                (("embedding", outputs[e], EMBEDDING_SHAPE),) if e is not None else ()):
-            got = [int(d) for d in det["shape"]]
-            if tuple(got) != shape or det["dtype"] != np.float32:
-                raise ModelError(f"{kind} is {np.dtype(det['dtype']).name}{got}, expected float32{list(shape)} "
-                                 "(not a CNN14 AudioSet model)", name)
+        p, e = spec.output_roles([tuple(int(d) for d in o["shape"]) for o in outputs], name)
+        self.spec = spec
         self._interp = interp
         self._in, self._out = inputs[0]["index"], outputs[p]["index"]
         self._emb = None if e is None else outputs[e]["index"]
@@ -251,7 +252,7 @@ class _CompiledRunner:
         key = next(iter(signature))
         details = model.get_output_tensor_details(key)
         shapes = [tuple(int(d) for d in details[o]["shape"]) for o in signature[key]["outputs"]]
-        self._p, self._e = _output_roles(shapes, name)
+        self._p, self._e = self.spec.output_roles(shapes, name)
         self.has_embedding = self._e is not None
         self._sizes = [int(np.prod(s)) for s in shapes]
         self._inputs = model.create_input_buffers(0)
@@ -304,7 +305,7 @@ class _CachedCpuRunner(_CompiledRunner):
     Unlike the Interpreter, CompiledModel's run holds the GIL."""
 
     def __init__(self, model, path: Path, signature: _CpuRunner) -> None:
-        self.path, self.input_shape = path, signature.input_shape
+        self.path, self.spec = path, signature.spec
         self._bind(model, str(path))
 
     @classmethod
@@ -314,7 +315,15 @@ class _CachedCpuRunner(_CompiledRunner):
         from ai_edge_litert.options import CpuOptions, HardwareAccelerator, Options
 
         path = weight_cache_file(model_path, directory)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # an unpredictable name beside the file (issue #18), freed for XNNPACK to create anew
+            fd, tmp = create_beside(path)
+            os.close(fd)
+            tmp.unlink()
+        except OSError as exc:
+            log.warning("XNNPACK weight cache not used for %s (weights packed on the heap): %s", model_path, exc)
+            return None
         check = path.with_name(path.name + ".crc32")  # the finished file's checksum, written with it
         target = tmp
         if path.is_file():
@@ -386,6 +395,7 @@ class _GpuRunner(_CompiledRunner):
 
         options = Options(hardware_accelerators=HardwareAccelerator.GPU,
                           gpu_options=GpuOptions(enforce_f32=precision == "fp32"))
+        self.spec = cpu.spec
         self._data = source.get("model_content")  # kept alive for the compiled model's lifetime
         with _native_log() as logged:
             try:
@@ -420,7 +430,7 @@ class _GpuRunner(_CompiledRunner):
 
     def _probe(self, cpu: _CpuRunner, precision: str, name: str) -> dict:
         """The speech clip on the GPU vs the CPU: refuse zeros, non-finite or far-off outputs."""
-        x = probe_input(INPUT_KINDS[cpu.input_shape])
+        x = probe_input(cpu.spec)
         want, _ = cpu.run(x)
         got, emb = self.run(x)
         where = f"the GPU ({self.info.adapter}, {precision}) "
@@ -441,18 +451,20 @@ class _GpuRunner(_CompiledRunner):
         return result
 
 
-def probe_input(kind: str = "logmel") -> np.ndarray:
-    """The shipped speech clip's first 10 s as a model's input: log-mel [1, 1, 1001, 64] or, for a
-    waveform model, the samples [1, 320000]."""
+def probe_input(spec: ModelSpec) -> np.ndarray:
+    """The shipped speech clip's first window, at the model's rate, as its input (spec.input_shape):
+    log-mel (CNN14: [1, 1, 1001, 64]) or, for a waveform model, the samples (CNN14: [1, 320000])."""
     from importlib import resources
 
     from .audio import load_audio
 
-    wave, _, _ = load_audio(str(resources.files("soundtag.assets").joinpath("speech_espeak.flac")))
-    wave = np.pad(wave[:CLIP_SAMPLES], (0, max(0, CLIP_SAMPLES - wave.size))).astype(np.float32)
-    if kind == "waveform":
-        return wave.reshape(WAVEFORM_SHAPE)
-    return np.ascontiguousarray(features.logmel(wave), np.float32).reshape(INPUT_SHAPE)
+    n = spec.window_samples
+    wave, _, _ = load_audio(str(resources.files("soundtag.assets").joinpath("speech_espeak.flac")),
+                            sample_rate=spec.sample_rate)
+    wave = np.pad(wave[:n], (0, max(0, n - wave.size))).astype(np.float32)
+    if spec.input == "waveform":
+        return wave.reshape(spec.input_shape)
+    return np.ascontiguousarray(features.logmel(wave, spec.front_end), np.float32).reshape(spec.input_shape)
 
 
 def gpu_missing() -> str | None:
@@ -539,3 +551,6 @@ def _precision(tensors: list[dict]) -> str:
     if np.dtype(np.float16) in types:
         return "fp16"
     return "fp32"
+
+
+Cnn14Model = Model  # the name before the family (issue #19); kept for code written against 0.1

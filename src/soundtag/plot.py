@@ -8,7 +8,7 @@ import numpy as np
 
 from .labels import labels
 from .results import TagResult
-from .windows import WINDOW_S
+from .spec import DEFAULT_WINDOW_S as WINDOW_S
 
 PLOT_CLASSES = 10  # rows in the timeline: the classes with the highest clip scores
 

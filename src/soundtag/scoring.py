@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .errors import OptionsError
-from .labels import NUM_CLASSES, labels, lookup
+from .labels import Label, labels as audioset_labels, lookup
 from .results import Category, Event
 
 DEFAULT_EVENT_THRESHOLD = 0.5  # probability above which a class counts as present in a window
@@ -27,7 +27,8 @@ def check_threshold(value: float, what: str) -> float:
 
 
 class Scorer:
-    """What to report from window probabilities [windows, 527]; validates its inputs when built."""
+    """What to report from window probabilities [windows, classes]; validates its inputs when built.
+    ``labels``: the model's (spec.labels; default AudioSet's 527), by which names and MIDs are found."""
 
     def __init__(
         self,
@@ -37,19 +38,22 @@ class Scorer:
         allow: Sequence[str] | None = None,
         deny: Sequence[str] | None = None,
         aggregate: str = "max",
+        labels: Sequence[Label] | None = None,
     ) -> None:
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= NUM_CLASSES:
-            raise OptionsError(f"top_k must be an integer between 1 and {NUM_CLASSES}, got {top_k!r}")
+        self.labels = tuple(labels) if labels is not None else audioset_labels()
+        n = len(self.labels)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= n:
+            raise OptionsError(f"top_k must be an integer between 1 and {n}, got {top_k!r}")
         if aggregate not in AGGREGATES:
             raise OptionsError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
         if isinstance(allow, str) or isinstance(deny, str):
             raise OptionsError("allow and deny are lists of class names or MIDs, not a single string")
         self.top_k = int(top_k)
         self.aggregate = aggregate
-        self.mask = class_mask(allow, deny)
+        self.mask = class_mask(allow, deny, self.labels)
         default = None if threshold is None else check_threshold(threshold, "threshold")
-        self.cutoffs = cutoffs(default, thresholds)
-        self.event_cutoffs = cutoffs(DEFAULT_EVENT_THRESHOLD if default is None else default, thresholds)
+        self.cutoffs = cutoffs(default, thresholds, self.labels)
+        self.event_cutoffs = cutoffs(DEFAULT_EVENT_THRESHOLD if default is None else default, thresholds, self.labels)
 
     def aggregate_windows(self, per_window: np.ndarray) -> np.ndarray:
         """Clip value from per-window values [windows, n] (scores or embeddings): max or mean."""
@@ -60,12 +64,12 @@ class Scorer:
         ok = self.mask & (scores >= self.cutoffs)
         idx = np.flatnonzero(ok)
         idx = idx[np.argsort(-scores[idx], kind="stable")][: self.top_k]
-        labs = labels()
+        labs = self.labels
         return tuple(Category(int(i), labs[i].mid, labs[i].name, float(scores[i])) for i in idx)
 
     def events(self, starts_s: np.ndarray, ends_s: np.ndarray, probs: np.ndarray) -> tuple[Event, ...]:
         """Merge consecutive windows where an allowed class stays above its event threshold."""
-        labs = labels()
+        labs = self.labels
         above = (probs >= self.event_cutoffs) & self.mask
         out = []
         for c in np.flatnonzero(above.any(axis=0)):
@@ -84,19 +88,22 @@ class Scorer:
         return tuple(sorted(out, key=lambda e: (e.start_s, -e.score)))
 
 
-def class_mask(allow: Sequence[str] | None, deny: Sequence[str] | None) -> np.ndarray:
-    """Classes that may be reported: all, or only `allow`, minus `deny` (names or MIDs)."""
-    mask = np.zeros(NUM_CLASSES, bool) if allow else np.ones(NUM_CLASSES, bool)
+def class_mask(allow: Sequence[str] | None, deny: Sequence[str] | None, table: Sequence[Label] | None = None) -> np.ndarray:
+    """Classes that may be reported: all, or only `allow`, minus `deny` (names or MIDs of ``table``,
+    default AudioSet's)."""
+    table = tuple(table) if table is not None else audioset_labels()
+    mask = np.zeros(len(table), bool) if allow else np.ones(len(table), bool)
     for key in allow or ():
-        mask[lookup(key)] = True
+        mask[lookup(key, table)] = True
     for key in deny or ():
-        mask[lookup(key)] = False
+        mask[lookup(key, table)] = False
     return mask
 
 
-def cutoffs(default: float | None, per_class: Mapping[str, float] | None) -> np.ndarray:
+def cutoffs(default: float | None, per_class: Mapping[str, float] | None, table: Sequence[Label] | None = None) -> np.ndarray:
     """Per-class score cutoffs: the default (none: -inf), overridden by per-class thresholds."""
-    cut = np.full(NUM_CLASSES, -np.inf if default is None else float(default), np.float32)
+    table = tuple(table) if table is not None else audioset_labels()
+    cut = np.full(len(table), -np.inf if default is None else float(default), np.float32)
     for key, value in (per_class or {}).items():
-        cut[lookup(key)] = check_threshold(value, f"threshold for {key!r}")
+        cut[lookup(key, table)] = check_threshold(value, f"threshold for {key!r}")
     return cut

@@ -11,8 +11,7 @@ import time
 import numpy as np
 
 from .errors import SoundtagError
-from .labels import labels
-from .model import Cnn14Model, probe_input
+from .model import Model, probe_input
 from .paths import resolve_model_path
 
 
@@ -23,11 +22,12 @@ def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precis
     try:
         path, _ = resolve_model_path(model_path)
         report["model"] = str(path)
-        model = Cnn14Model(path, num_threads=num_threads, accelerator=accelerator, gpu_precision=gpu_precision)
+        model = Model(path, num_threads=num_threads, accelerator=accelerator, gpu_precision=gpu_precision)
     except SoundtagError as exc:
         report["error"] = str(exc)
         return report
-    report.update(accelerator=model.accelerator, precision=model.precision, input=model.input_kind)
+    report.update(accelerator=model.accelerator, precision=model.precision, input=model.input_kind,
+                  spec=model.spec.summary())
     if model.fallback_reason:
         report["fallback_reason"] = model.fallback_reason
     if model.gpu is not None:
@@ -37,7 +37,7 @@ def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precis
                       parity_vs_cpu={k: g.probe[k] for k in ("corr", "max_abs_diff", "gate")})
     else:
         report.update(backend="XNNPACK (CPU)", fully_accelerated=None, parity_vs_cpu=None)
-    x = probe_input(model.input_kind)
+    x = probe_input(model.spec)
     try:
         probs, _ = model.run(x)  # warm-up (the GPU's first run also compiles its shaders)
         times = []
@@ -49,14 +49,21 @@ def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precis
         report["error"] = str(exc)
         return report
     top = int(np.argmax(probs))
-    report.update(probe="speech_espeak.flac (first 10 s)", top_tag={"name": labels()[top].name, "score": float(probs[top])},
+    report.update(probe=f"speech_espeak.flac (first {model.spec.window_s:g} s at {model.spec.sample_rate} Hz)",
+                  top_tag={"name": model.spec.labels[top].name, "score": float(probs[top])},
                   ms_per_window=round(1000 * float(np.median(times)), 1), runs=runs, passed=True)
     return report
 
 
 def format_table(report: dict) -> str:
     """The report as aligned 'key  value' lines."""
-    rows = [("model", report.get("model")), ("accelerator", report.get("accelerator", "-")),
+    rows = [("model", report.get("model"))]
+    if "spec" in report:
+        s = report["spec"]
+        fe = s["front_end"]
+        rows.append(("architecture", f"{s['architecture']} ({s['input']} in, {fe['sample_rate']} Hz, "
+                                     f"{s['window_s']:g} s windows, {s['classes']} classes; spec from {s['spec_from']})"))
+    rows += [("accelerator", report.get("accelerator", "-")),
             ("model precision", report.get("precision", "-"))]
     if report.get("fallback_reason"):
         rows.append(("GPU not used", report["fallback_reason"]))

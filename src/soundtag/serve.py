@@ -44,7 +44,6 @@ from urllib.parse import parse_qs, urlsplit
 from . import __version__
 from .errors import (AudioError, CancelledError, InferenceError, ModelError, OptionsError, SoundtagError,
                      TooLongError)
-from .labels import labels
 from .results import error_reason
 from .tagger import Tagger, TaggerOptions, load_model
 
@@ -141,7 +140,8 @@ class ModelPool:
             return
         first = models[0]
         self.info = {"model": str(first.path), "sha256": file_digest(first.path, "sha256"), "precision": first.precision,
-                     "embedding": first.has_embedding, "accelerator": first.accelerator, "workers": self.workers}
+                     "embedding": first.has_embedding, "accelerator": first.accelerator, "workers": self.workers,
+                     "spec": first.spec.summary()}
         if first.gpu is not None:
             self.info["gpu"] = {"precision": first.gpu.precision, "backend": first.gpu.backend, "adapter": first.gpu.adapter}
         for m in models:
@@ -157,11 +157,12 @@ class ModelPool:
 
 
 class PooledModel:
-    """Looks like a Cnn14Model to a Tagger or a TagStream; each call borrows a free interpreter."""
+    """Looks like a Model to a Tagger or a TagStream; each call borrows a free interpreter."""
 
     def __init__(self, pool: ModelPool, example) -> None:
         self._pool = pool
         self.path, self.precision, self.has_embedding = example.path, example.precision, example.has_embedding
+        self.spec = example.spec
         self.input_kind, self.features = example.input_kind, example.features
 
     def run(self, logmel):
@@ -269,7 +270,7 @@ def create_app(config: ServeConfig):
 
     @app.get("/v1/labels")
     async def labels_list():
-        return [{"index": lab.index, "mid": lab.mid, "label": lab.name} for lab in labels()]
+        return not_ready() or [{"index": lab.index, "mid": lab.mid, "label": lab.name} for lab in pool.lent.spec.labels]
 
     @app.get("/metrics")
     async def metrics_text():

@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import features
 from .audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, downmix
 from .errors import AudioError, CancelledError, OptionsError, TooLongError
-from .labels import labels
 from .results import Category, Event, tags_record
 from .windows import WindowCutter
 
@@ -80,9 +78,9 @@ class TagStream:
             raise OptionsError(f"channels must be an integer in 1-{MAX_CHANNELS}, got {channels!r}")
         self.tagger, self.sample_rate, self.channels = tagger, sample_rate, channels
         self._clock = clock
-        self._resampler = None if sample_rate == features.SAMPLE_RATE else soxr.ResampleStream(
-            sample_rate, features.SAMPLE_RATE, 1, "float32", "HQ")
-        self._cutter = WindowCutter(tagger.hop)
+        rate = tagger.spec.sample_rate  # the model's
+        self._resampler = None if sample_rate == rate else soxr.ResampleStream(sample_rate, rate, 1, "float32", "HQ")
+        self._cutter = WindowCutter(tagger.hop, tagger.spec.window_samples)
         self._frames = 0  # source frames fed
         self._windows = 0
         self._clip: np.ndarray | None = None  # running max, or running sum for the mean
@@ -138,7 +136,7 @@ class TagStream:
         return self._clip if self.tagger.scorer.aggregate == "max" else self._clip / self._windows
 
     def _tag(self, windows, arrived: float) -> list[StreamWindow | StreamEvent]:
-        sr = features.SAMPLE_RATE
+        sr = self.tagger.spec.sample_rate
         scorer = self.tagger.scorer
         out: list = []
         for start, n, wave in windows:
@@ -172,6 +170,6 @@ class TagStream:
         return out
 
     def _event(self, kind: str, c: int) -> StreamEvent:
-        lab = labels()[c]
+        lab = self.tagger.spec.labels[c]
         start_s, end_s, score = self._open[c]
         return StreamEvent(kind, Event(start_s, end_s, c, lab.mid, lab.name, score))

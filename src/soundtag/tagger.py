@@ -1,7 +1,8 @@
 """The facade: TaggerOptions (validated when built) and Tagger(options, model=None).
 
-    audio -> 10 s windows (windows.py) -> log-mel (features.py) -> CNN14 (model.py) -> report (scoring.py)
+    audio -> the model's windows (windows.py) -> its log-mel (features.py) -> the model (model.py) -> report (scoring.py)
 
+Every number (sample rate, window, front end, labels) comes from the loaded model's spec (spec.py).
 One loaded model can serve many option sets (a server, a corpus actor): ``Tagger(options, model)``.
 """
 
@@ -17,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import features
 from .audio import DEFAULT_MAX_DURATION_S, AudioStream, downmix
 from .errors import AudioError, CancelledError, ModelError, OptionsError
-from .labels import NUM_CLASSES
-from .model import ACCELERATORS, GPU_PRECISIONS, Cnn14Model
+from .labels import Label
+from .model import ACCELERATORS, GPU_PRECISIONS, Model
 from .paths import resolve_model_path
 from .results import TagResult, WindowResult
 from .scoring import Scorer
-from .windows import WINDOW_S, iter_windows, prefetch
+from .spec import DEFAULT_WINDOW_S
+from .windows import iter_windows, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ class TaggerOptions:
     """How to load the model and what to report. Validated on construction (no model needed)."""
 
     model_path: str | None = None  # .tflite; None: $SOUNDTAG_MODEL, then the user cache
-    top_k: int = 5  # categories reported per clip and per window (up to 527)
+    top_k: int = 5  # categories reported per clip and per window (up to the model's classes)
     threshold: float | None = None  # report only scores >= this (all classes), in [0, 1]
     thresholds: Mapping[str, float] | None = None  # per-class thresholds by name or MID, in [0, 1]
-    hop_s: float = WINDOW_S  # seconds between window starts (< 10 s overlaps windows)
+    hop_s: float = DEFAULT_WINDOW_S  # seconds between window starts (< the model's 10 s window overlaps windows)
     aggregate: str = "max"  # clip score from window scores: "max" or "mean"
     allow: Sequence[str] | None = None  # report only these classes (names or MIDs)
     deny: Sequence[str] | None = None  # never report these classes (names or MIDs)
@@ -50,7 +51,7 @@ class TaggerOptions:
     prefetch: bool = True  # decode + log-mel the next window in a thread while the model runs
     max_duration_s: float = DEFAULT_MAX_DURATION_S  # longer inputs are refused (s)
     max_windows: int | None = None  # inputs of more windows at hop_s are refused (None: no limit; a server's cap)
-    embeddings: bool = False  # also the 2048-d embedding per window and per clip (fp32/int8 models)
+    embeddings: bool = False  # also the embedding (CNN14: 2048-d) per window and per clip (fp32/int8 models)
     accelerator: str = "cpu"  # "cpu", "gpu" (LiteRT's GPU accelerator, proven by a probe) or "auto"
     gpu_precision: str | None = None  # GPU arithmetic "fp16" or "fp32"; None: fp16 for the fp16 log-mel model, else fp32
 
@@ -78,20 +79,21 @@ class TaggerOptions:
             raise OptionsError(f"gpu_precision must be one of {', '.join(GPU_PRECISIONS)}, got {self.gpu_precision!r}")
         self.scorer()  # top_k, thresholds, aggregate, class names
 
-    def scorer(self) -> Scorer:
-        return Scorer(self.top_k, self.threshold, self.thresholds, self.allow, self.deny, self.aggregate)
+    def scorer(self, labels: Sequence[Label] | None = None) -> Scorer:
+        """The Scorer of these options over a model's labels (spec.labels; default AudioSet's)."""
+        return Scorer(self.top_k, self.threshold, self.thresholds, self.allow, self.deny, self.aggregate, labels)
 
-    @property
-    def hop_samples(self) -> int:
-        return round(float(self.hop_s) * features.SAMPLE_RATE)
+    def hop_samples(self, sample_rate: int) -> int:
+        """hop_s in samples of a model's rate."""
+        return round(float(self.hop_s) * sample_rate)
 
-    def duration_limit(self) -> tuple[float, str]:
+    def duration_limit(self, window_s: float = DEFAULT_WINDOW_S) -> tuple[float, str]:
         """(seconds, the flag that sets it): the longest input accepted, from max_duration_s and, with
         max_windows, the duration whose windows at hop_s stay within it (window rule: at most
-        1 + (duration - 10 s) / hop + 1 windows)."""
+        1 + (duration - window_s) / hop + 1 windows; window_s: the model's)."""
         limit = (float(self.max_duration_s), "--max-duration")
         if self.max_windows is not None:
-            by_windows = WINDOW_S + max(0, self.max_windows - 2) * float(self.hop_s)
+            by_windows = float(window_s) + max(0, self.max_windows - 2) * float(self.hop_s)
             if by_windows < limit[0]:
                 limit = (by_windows, f"--max-windows {self.max_windows} at a hop of {float(self.hop_s):g} s")
         return limit
@@ -104,12 +106,12 @@ class TaggerOptions:
         return min(self.num_threads, os.cpu_count() or 1, MAX_THREADS)
 
 
-def load_model(options: TaggerOptions, weight_cache: bool = True) -> Cnn14Model:
+def load_model(options: TaggerOptions, weight_cache: bool = True) -> Model:
     """The model the options name; a cached model that fails to load says how to rebuild it.
-    ``weight_cache``: see Cnn14Model."""
+    ``weight_cache``: see Model."""
     path, cached = resolve_model_path(options.model_path)
     try:
-        return Cnn14Model(path, num_threads=options.threads, accelerator=options.accelerator,
+        return Model(path, num_threads=options.threads, accelerator=options.accelerator,
                           gpu_precision=options.gpu_precision, weight_cache=weight_cache)
     except ModelError as exc:
         if cached:
@@ -118,14 +120,15 @@ def load_model(options: TaggerOptions, weight_cache: bool = True) -> Cnn14Model:
 
 
 class Tagger:
-    """CNN14 sound-event tagger. ``Tagger(options)`` loads the model the options name;
-    ``Tagger(options, model)`` shares an already loaded one."""
+    """Sound-event tagger over a PANNs model. ``Tagger(options)`` loads the model the options name;
+    ``Tagger(options, model)`` shares an already loaded one. ``spec``: the model's (spec.ModelSpec)."""
 
-    def __init__(self, options: TaggerOptions | None = None, model: Cnn14Model | None = None) -> None:
+    def __init__(self, options: TaggerOptions | None = None, model: Model | None = None) -> None:
         self.options = options or TaggerOptions()
-        self.scorer = self.options.scorer()
-        self.hop = self.options.hop_samples
         self.model = model if model is not None else load_model(self.options)
+        self.spec = self.model.spec
+        self.scorer = self.options.scorer(self.spec.labels)
+        self.hop = self.options.hop_samples(self.spec.sample_rate)
         if self.options.embeddings and not self.model.has_embedding:
             raise ModelError("has no embedding output (the fp16 model keeps the model card's single-output "
                              "signature); use the fp32 or int8 model of 'soundtag convert' for embeddings",
@@ -141,7 +144,8 @@ class Tagger:
         server's streams; a microphone may listen for ever)."""
         from .stream import TagStream
 
-        return TagStream(self, sample_rate, channels, limit=self.options.duration_limit() if limited else None)
+        return TagStream(self, sample_rate, channels,
+                         limit=self.options.duration_limit(self.spec.window_s) if limited else None)
 
     # --- inference -------------------------------------------------------------------------
     def _inputs(self, windows: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -156,17 +160,18 @@ class Tagger:
             if cancel is not None and cancel.is_set():
                 raise CancelledError(f"cancelled after {len(starts)} window(s)")
             if not np.isfinite(lm).all():
-                raise AudioError(f"non-finite model input in the window at {start / features.SAMPLE_RATE:.2f} s")
+                raise AudioError(f"non-finite model input in the window at {start / self.spec.sample_rate:.2f} s")
             p, e = self.model.run(lm)
             starts.append(start)
             valid.append(n)
             probs.append(p)
             embs.append(e)
-        return _Windows(np.array(starts), np.array(valid), np.array(probs, dtype=np.float32).reshape(-1, NUM_CLASSES),
+        return _Windows(np.array(starts), np.array(valid), np.array(probs, dtype=np.float32).reshape(-1, self.spec.num_classes),
                         np.array(embs, dtype=np.float32) if self.options.embeddings else None)
 
-    def tag_waveform(self, waveform: np.ndarray, sample_rate: int = features.SAMPLE_RATE, path: str | None = None) -> TagResult:
-        """Tag a mono (or [samples, channels]) float waveform at any sample rate."""
+    def tag_waveform(self, waveform: np.ndarray, sample_rate: int | None = None, path: str | None = None) -> TagResult:
+        """Tag a mono (or [samples, channels]) float waveform at any sample rate (None: the model's,
+        ``spec.sample_rate``)."""
         import soxr
 
         x = np.asarray(waveform, dtype=np.float32)
@@ -176,10 +181,12 @@ class Tagger:
             raise AudioError("waveform must be a non-empty 1-D array (or [samples, channels])", path)
         if not np.isfinite(x).all():
             raise AudioError("waveform has non-finite samples (NaN or Inf)", path)
+        rate = self.spec.sample_rate
+        sample_rate = rate if sample_rate is None else sample_rate
         duration = x.size / sample_rate
-        if sample_rate != features.SAMPLE_RATE:
-            x = soxr.resample(x, sample_rate, features.SAMPLE_RATE, quality="HQ")
-        feats = self._inputs(iter_windows([x], self.hop))
+        if sample_rate != rate:
+            x = soxr.resample(x, sample_rate, rate, quality="HQ")
+        feats = self._inputs(iter_windows([x], self.hop, self.spec.window_samples))
         return self._result(path, duration, self._run(prefetch(feats) if self.options.prefetch else feats))
 
     def tag_file(self, source, name: str | None = None, cancel: threading.Event | None = None) -> TagResult:
@@ -208,13 +215,14 @@ class Tagger:
                      ) -> Iterator[tuple[str, TagResult | None, Exception | None]]:
         """tag_files over (name, path or binary file object) pairs."""
         paths = [name for name, _ in sources]
-        max_s, limit = self.options.duration_limit()
+        max_s, limit = self.options.duration_limit(self.spec.window_s)
 
         def produce() -> Iterator[tuple[str, object]]:
             for path, source in sources:
                 try:
-                    stream = AudioStream(source, max_duration_s=max_s, name=path, limit=limit)
-                    for item in self._inputs(iter_windows(stream, self.hop)):
+                    stream = AudioStream(source, max_duration_s=max_s, name=path, limit=limit,
+                                         sample_rate=self.spec.sample_rate)
+                    for item in self._inputs(iter_windows(stream, self.hop, self.spec.window_samples)):
                         yield path, item
                     yield path, _FileEnd(stream.duration_s)
                 except Exception as exc:  # reported for this file; the batch goes on
@@ -253,7 +261,7 @@ class Tagger:
         return self.scorer.events(starts_s, ends_s, probs)
 
     def _result(self, path, duration_s, w: _Windows) -> TagResult:
-        sr = features.SAMPLE_RATE
+        sr = self.spec.sample_rate
         starts_s = w.starts / sr
         ends_s = (w.starts + w.valid) / sr
         probs = w.probs
@@ -282,5 +290,5 @@ class _FileEnd:
 class _Windows:
     starts: np.ndarray  # [windows] start samples
     valid: np.ndarray  # [windows] real samples in each
-    probs: np.ndarray  # [windows, 527]
-    embeddings: np.ndarray | None  # [windows, 2048] when asked
+    probs: np.ndarray  # [windows, classes]
+    embeddings: np.ndarray | None  # [windows, embedding size] when asked

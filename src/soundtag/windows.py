@@ -1,7 +1,8 @@
-"""10 s windows over a stream of 32 kHz blocks, and a prefetch thread that overlaps decoding with the model.
+"""A model's windows (CNN14: 10 s at 32 kHz) over a stream of blocks at its rate, and a prefetch thread that overlaps decoding with the model.
 
 The window rule (the same for files, waveforms and, later, streams):
-- audio of at most 10 s: one window at 0, zero-padded to 10 s;
+(in samples of the model's rate; ``window`` is the model's ``spec.window_samples``)
+- audio of at most one window: one window at 0, zero-padded to the window;
 - longer audio: a window every hop while it fits entirely in the audio, then, if the audio goes on past
   the last one, a final window aligned to the end of the audio. Every window of a long file therefore
   holds 10 s of real audio: a 20 s + 1 sample file gives windows at 0, 10 and 10 s + 1 sample, never a
@@ -16,14 +17,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from . import features
-
-WINDOW_SAMPLES = features.CLIP_SAMPLES  # 320 000 samples: the model's fixed input
-WINDOW_S = WINDOW_SAMPLES / features.SAMPLE_RATE  # 10 s
 PREFETCH_DEPTH = 2  # windows decoded ahead of the model: bounded memory (2 x 1.3 MB)
 
 
-def window_starts(num_samples: int, hop: int, window: int = WINDOW_SAMPLES) -> list[int]:
+def window_starts(num_samples: int, hop: int, window: int) -> list[int]:
     """Start samples of the windows of num_samples samples under the window rule above."""
     if hop < 1:
         raise ValueError(f"hop must be >= 1 sample, got {hop}")
@@ -46,7 +43,7 @@ class WindowCutter:
     generator that cuts each window when the caller takes it, so at most one window copy exists at a
     time. Take every window ``push`` yields before the next call."""
 
-    def __init__(self, hop: int, window: int = WINDOW_SAMPLES) -> None:
+    def __init__(self, hop: int, window: int) -> None:
         if hop < 1:
             raise ValueError(f"hop must be >= 1 sample, got {hop}")
         self.hop, self.window = hop, window
@@ -108,7 +105,7 @@ class WindowCutter:
         return []
 
 
-def iter_windows(blocks: Iterable[np.ndarray], hop: int, window: int = WINDOW_SAMPLES) -> Iterator[tuple[int, int, np.ndarray]]:
+def iter_windows(blocks: Iterable[np.ndarray], hop: int, window: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """(start, real_samples, window) over a stream of blocks: exactly the windows of
     window_starts(total, hop). Holds at most one window plus one block, whatever the hop."""
     cutter = WindowCutter(hop, window)

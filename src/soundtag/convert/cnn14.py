@@ -15,17 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SoundtagError
+from .family import FRONT_END_PREFIXES, CheckpointError, _check_keys, body_state, read_checkpoint  # noqa: F401
 
-NUM_CLASSES = 527
+NUM_CLASSES = 527  # AudioSet
 MEL_BINS = 64
 CHANNELS = (1, 64, 128, 256, 512, 1024, 2048)  # conv block widths, input first
 EMBEDDING_DIM = 2048
-FRONT_END_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.")  # keys the body does not take
-
-
-class CheckpointError(SoundtagError, ValueError):
-    """The file is not a CNN14 checkpoint this body can load."""
 
 
 class ConvBlock(nn.Module):
@@ -46,6 +41,8 @@ class Cnn14Body(nn.Module):
     """CNN14 without its spectral front end (eval-mode inference only)."""
 
     POOLS = (2, 2, 2, 2, 2, 1)  # average-pool size after each conv block
+    EMBEDDING_DIM = EMBEDDING_DIM
+    INPUTS = ("logmel",)
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
@@ -67,8 +64,11 @@ class Cnn14Body(nn.Module):
         x = x.max(dim=2).values + x.mean(dim=2)  # over time
         return F.relu(self.fc1(x))
 
+    def classify(self, emb: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc_audioset(emb))
+
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.fc_audioset(self.embed(logmel)))
+        return self.classify(self.embed(logmel))
 
 
 def body_state_dict(checkpoint: object) -> dict[str, torch.Tensor]:
@@ -76,38 +76,21 @@ def body_state_dict(checkpoint: object) -> dict[str, torch.Tensor]:
     sd = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError("not a state_dict (expected {'model': state_dict} or a bare state_dict)")
-    return {k: v for k, v in sd.items() if not k.startswith(FRONT_END_PREFIXES)}
+    return body_state(sd)
 
 
 def load_body(path: str | Path) -> Cnn14Body:
-    """Load an upstream-format CNN14 checkpoint (weights only, strict key check)."""
+    """Load an upstream-format CNN14 checkpoint (any of the Cnn14 front ends: the body is the same;
+    weights only, strict key check)."""
     path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # torch raises many types for a non-checkpoint file
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
-    try:
-        sd = body_state_dict(checkpoint)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    sd = body_state(read_checkpoint(path))
     body = Cnn14Body()
-    expected = set(body.state_dict())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: not a CNN14 checkpoint; missing keys {_short(missing)}, unexpected keys {_short(unexpected)}"
-        )
-    wrong = [k for k, v in body.state_dict().items() if sd[k].shape != v.shape]
-    if wrong:
-        raise CheckpointError(f"{path}: wrong shapes for {_short(wrong)}")
+    _check_keys_cnn14(body, sd, path)
     body.load_state_dict(sd, strict=True)
     return body.eval()
 
 
-def _short(keys: list[str], n: int = 8) -> str:
-    if not keys:
-        return "[]"
-    more = f" ... (+{len(keys) - n})" if len(keys) > n else ""
-    return "[" + ", ".join(keys[:n]) + more + "]"
+def _check_keys_cnn14(body: Cnn14Body, sd: dict, path: Path) -> None:
+    from .family import ARCHITECTURES
+
+    _check_keys(ARCHITECTURES["Cnn14"], {k: tuple(v.shape) for k, v in sd.items()}, path)

@@ -1,4 +1,5 @@
-"""Convert the CNN14 body to LiteRT (fp32, fp16, int8) with litert-torch, prove it, then write it.
+"""Convert a PANNs body (convert/family.py) to LiteRT (fp32, fp16, int8) with litert-torch, prove it,
+then write it, with its spec (spec.py) inside each model file.
 
 Workarounds for litert-torch silent-corruption bugs (both open upstream):
 - #1061: the constant cache is keyed by the storage address of ``x.contiguous().detach().cpu()``;
@@ -31,27 +32,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import features
-from ..labels import labels
 from ..errors import ValidationError
 from ..files import atomic_write_bytes, file_digest
 from ..model import GPU_CHECKS
-from .cnn14 import Cnn14Body, load_body
+from ..spec import CNN14, CNN14_FRONT_END, FrontEnd, ModelSpec, embed_spec
+from .cnn14 import Cnn14Body
+from .family import ARCHITECTURES, Architecture, load
 from .frontend import LogmelFrontEnd
 from .winograd import WidthTwoConv3x3, WinogradConv3x3
 from .validate import GATES, GPU_GATES, WAVEFORM_GPU_GATES, ModelOutputs, compare, gpu_parity, inspect_graph, run_tflite
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = {
-    "fp32": "cnn14_audioset_fp32.tflite",
-    "fp16": "cnn14_audioset_fp16.tflite",
-    "int8": "cnn14_audioset_int8.tflite",
-}
-WAVEFORM_FILES = {  # `soundtag convert --waveform`: waveform [1, 320000] in, the log-mel in the graph
-    "fp32": "cnn14_audioset_waveform_fp32.tflite",
-    "fp16": "cnn14_audioset_waveform_fp16.tflite",
-}
-REPORT_FILE = "conversion_report.json"
+CNN14_ARCH = ARCHITECTURES["Cnn14"]
+MODEL_FILES = {p: CNN14_ARCH.file(p) for p in ("fp32", "fp16", "int8")}  # cnn14_audioset_{p}.tflite
+# `soundtag convert --waveform`: waveform [1, 320000] in, the log-mel in the graph (32 kHz front ends)
+WAVEFORM_FILES = {p: CNN14_ARCH.file(p, waveform=True) for p in ("fp32", "fp16")}
+REPORT_FILE = "conversion_report.json"  # Cnn14's; other architectures: report_file(arch)
 LABELS_TXT = "audioset_labels.txt"
 PRECISIONS = tuple(MODEL_FILES)
 DEFAULT_PRECISIONS = ("fp32", "fp16")
@@ -86,7 +83,8 @@ class _ExportBody(nn.Module):
     """
 
     def __init__(self, body: Cnn14Body, winograd: dict[int, int] | None = None, embedding: bool = False,
-                 direct_group: int | None = None, winograd_group: int | None = None, gemm: str = "conv") -> None:
+                 direct_group: int | None = None, winograd_group: int | None = None, gemm: str = "conv",
+                 logmel_shape: tuple[int, int] = (CNN14.frames, CNN14_FRONT_END.n_mels)) -> None:
         super().__init__()
         keep: list[torch.Tensor] = []
         winograd = dict(winograd or {})
@@ -101,7 +99,7 @@ class _ExportBody(nn.Module):
         self.bn0_scale = const(scale.reshape(1, 1, 1, -1))
         self.bn0_shift = const(shift.reshape(1, 1, 1, -1))
         self.convs: list = []  # callables x -> relu(conv(x) + b), two per block
-        h, w = features.N_FRAMES, features.N_MELS
+        h, w = logmel_shape  # frames, mel bins of the model's window
         for number, (block, pool) in enumerate(zip(body.blocks(), Cnn14Body.POOLS), 1):
             m = winograd.get(number)
             # block 6 (2 wide): WidthTwoConv3x3's 12 GEMMs, not 16; F(m x m) with an even m pools in its tiles
@@ -167,28 +165,60 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def _validation_waves(seed: int = 0) -> dict[str, np.ndarray]:
-    """White noise, a chirp (50 Hz - 14 kHz) and recorded speech, 10 s at 32 kHz each."""
+class _PlainExport(nn.Module):
+    """A "plain" layout body (family.Architecture.layout) as it is, in eval mode: its BatchNorms are
+    left to the converter, its parameters are the module's own contiguous tensors (kept alive by it for
+    the whole conversion: litert-torch #1061), and the gates below decide. Outputs (probs, embedding)
+    with ``embedding``."""
+
+    def __init__(self, body: nn.Module, embedding: bool) -> None:
+        super().__init__()
+        for name, t in list(body.named_parameters()) + list(body.named_buffers()):
+            assert t.is_contiguous(), name  # litert-torch #1238: a non-contiguous constant is written wrongly
+        self.body, self.embedding = body.eval(), embedding
+
+    def forward(self, *inputs: torch.Tensor):
+        emb = self.body.embed(*inputs)
+        probs = self.body.classify(emb)
+        return (probs, emb) if self.embedding else probs
+
+
+class _WaveformInputs(nn.Module):
+    """Waveform [1, window] -> (waveform, in-graph log-mel) for a body that takes both (Wavegram)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.front, self.inner = LogmelFrontEnd(), inner
+
+    def forward(self, wave: torch.Tensor):
+        return self.inner(wave, self.front(wave))
+
+
+def _validation_waves(seed: int = 0, fe: FrontEnd = CNN14_FRONT_END, n: int = CNN14.window_samples) -> dict[str, np.ndarray]:
+    """White noise, a chirp (50 Hz - the front end's fmax) and recorded speech, one window each at the
+    front end's rate."""
     from ..audio import load_audio
 
     rng = np.random.default_rng(seed)
-    sr, n = features.SAMPLE_RATE, features.CLIP_SAMPLES
+    sr = fe.sample_rate
     t = np.arange(n) / sr
-    f0, f1 = 50.0, 14_000.0
+    f0, f1 = 50.0, float(fe.fmax)
     chirp = 0.5 * np.sin(2 * np.pi * f0 * (t[-1] / np.log(f1 / f0)) * ((f1 / f0) ** (t / t[-1]) - 1))
-    speech, _, _ = load_audio(_asset_path("speech_espeak.flac"))
+    speech, _, _ = load_audio(_asset_path("speech_espeak.flac"), sample_rate=sr)
     speech = np.pad(speech[:n], (0, max(0, n - speech.size)))
     return {"noise": 0.1 * rng.standard_normal(n), "chirp": chirp, "speech": speech}
 
 
-def validation_inputs(seed: int = 0) -> dict[str, np.ndarray]:
-    """Named log-mel inputs [1,1,1001,64]: random log-mel, white noise, a chirp and recorded speech."""
+def validation_inputs(seed: int = 0, spec: ModelSpec = CNN14) -> dict[str, np.ndarray]:
+    """Named log-mel inputs [1, 1, frames, mels] of a spec's front end and window (CNN14: [1,1,1001,64]):
+    random log-mel, white noise, a chirp and recorded speech."""
     rng = np.random.default_rng(seed)
-    waves = _validation_waves(seed)
-    rng.standard_normal(features.CLIP_SAMPLES)  # the draw the noise took: the random log-mel stays as it was
-    out = {"random_logmel": rng.normal(-40.0, 20.0, (features.N_FRAMES, features.N_MELS)).clip(-100, 40)}
-    out.update({k: features.logmel(v) for k, v in waves.items()})
-    return {k: np.ascontiguousarray(v, np.float32).reshape(1, 1, features.N_FRAMES, features.N_MELS) for k, v in out.items()}
+    fe, frames = spec.front_end, spec.frames
+    waves = _validation_waves(seed, fe, spec.window_samples)
+    rng.standard_normal(spec.window_samples)  # the draw the noise took: the random log-mel stays as it was
+    out = {"random_logmel": rng.normal(-40.0, 20.0, (frames, fe.n_mels)).clip(-100, 40)}
+    out.update({k: features.logmel(v, fe) for k, v in waves.items()})
+    return {k: np.ascontiguousarray(v, np.float32).reshape(1, 1, frames, fe.n_mels) for k, v in out.items()}
 
 
 def _asset_path(name: str) -> Path:
@@ -197,26 +227,44 @@ def _asset_path(name: str) -> Path:
     return Path(str(resources.files("soundtag.assets").joinpath(name)))
 
 
-def reference_outputs(body: Cnn14Body, inputs: dict[str, np.ndarray]) -> ModelOutputs:
-    """The PyTorch body's probabilities and embeddings per named input."""
+def reference_outputs(body: nn.Module, inputs: dict[str, np.ndarray], spec: ModelSpec = CNN14) -> ModelOutputs:
+    """The PyTorch body's probabilities and embeddings per named input (a log-mel; for a body that
+    takes the waveform and its log-mel, the waveform, whose host log-mel it gets beside it)."""
     probs, embs = {}, {}
     with torch.inference_mode():
         for k, v in inputs.items():
-            emb = body.embed(torch.from_numpy(v))
+            emb = body.embed(*_body_inputs(body, v, spec))
             embs[k] = emb.double().numpy()[0]
-            probs[k] = torch.sigmoid(body.fc_audioset(emb)).double().numpy()[0]
+            probs[k] = body.classify(emb).double().numpy()[0]
     return ModelOutputs(probs, embs)
 
 
-def to_fp32_tflite(body: Cnn14Body, layout: tuple = ({}, None, None), embedding: bool = True) -> bytes:
-    """litert-torch conversion of the folded body in a layout of LAYOUTS (Winograd blocks, direct
-    group, Winograd group); returns the flatbuffer bytes (unvalidated)."""
+def _body_inputs(body: nn.Module, x: np.ndarray, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+    if tuple(getattr(body, "INPUTS", ("logmel",))) == ("waveform", "logmel"):
+        lm = features.logmel(x.reshape(-1), spec.front_end).reshape(1, 1, spec.frames, spec.front_end.n_mels)
+        return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(lm)
+    return (torch.from_numpy(x),)
+
+
+def to_fp32_tflite(body: nn.Module, layout: tuple = ({}, None, None), embedding: bool = True,
+                   arch: Architecture = CNN14_ARCH, spec: ModelSpec = CNN14) -> bytes:
+    """litert-torch conversion of a body: for the cnn14 layout, the folded body in a layout of LAYOUTS
+    (Winograd blocks, direct group, Winograd group); for a plain one, the module itself. Returns the
+    flatbuffer bytes (unvalidated, without a spec)."""
     try:
         import litert_torch
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("conversion needs litert-torch: pip install 'soundtag[convert]'") from exc
-    export = _ExportBody(body, layout[0], embedding, layout[1], layout[2]).eval()
-    sample = (torch.zeros(1, 1, features.N_FRAMES, features.N_MELS),)
+    if arch.inputs == ("waveform", "logmel"):
+        export = _WaveformInputs(_PlainExport(body, embedding)).eval()
+        sample = (torch.zeros(1, spec.window_samples),)
+    else:
+        if arch.layout == "cnn14":
+            export = _ExportBody(body, layout[0], embedding, layout[1], layout[2],
+                                 logmel_shape=(spec.frames, spec.front_end.n_mels)).eval()
+        else:
+            export = _PlainExport(body, embedding).eval()
+        sample = (torch.zeros(1, 1, spec.frames, spec.front_end.n_mels),)
     with torch.inference_mode():
         edge = litert_torch.convert(export, sample)
     data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
@@ -242,7 +290,7 @@ def to_waveform_tflite(body: Cnn14Body, layout: tuple, precision: str) -> bytes:
 
     export = _WaveformBody(body, layout).eval()
     with torch.inference_mode():
-        edge = litert_torch.convert(export, (torch.zeros(1, features.CLIP_SAMPLES),))
+        edge = litert_torch.convert(export, (torch.zeros(1, CNN14.window_samples),))
     data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
     del edge
     # litert-torch names each op's output tensor after its module path: the front end's contain this
@@ -253,7 +301,7 @@ def validation_waveforms(seed: int = 0) -> dict[str, np.ndarray]:
     """Named waveforms [1, 320000] for the waveform models: the log-mel inputs' noise, chirp and speech,
     plus full-scale clipping (noise at 4x full scale clipped to +-1) and near-silence (noise at 1e-5)."""
     rng = np.random.default_rng(seed + 1)
-    n = features.CLIP_SAMPLES
+    n = CNN14.window_samples
     waves = _validation_waves(seed)  # a fresh dict
     waves["clipping"] = np.clip(4.0 * rng.standard_normal(n), -1.0, 1.0)
     waves["near_silence"] = 1e-5 * rng.standard_normal(n)
@@ -410,6 +458,17 @@ class ConversionResult:
     written: list[Path]
 
 
+def report_file(arch: Architecture) -> str:
+    """The conversion report's name: conversion_report.json for Cnn14 (as before the family), else
+    {arch}_conversion_report.json, so the models of several architectures share a folder."""
+    return REPORT_FILE if arch.name == "Cnn14" else f"{arch.name.lower()}_{REPORT_FILE}"
+
+
+def mel_basis_file(fe: FrontEnd) -> str:
+    """mel_basis.bin for CNN14's front end (the model card's file), mel_basis_{rate}hz_{n_fft}.bin else."""
+    return features.MEL_BASIS_FILE if fe == CNN14_FRONT_END else f"mel_basis_{fe.sample_rate}hz_{fe.n_fft}.bin"
+
+
 def convert_checkpoint(
     checkpoint: str | Path,
     output_dir: str | Path,
@@ -418,16 +477,20 @@ def convert_checkpoint(
     winograd: bool = True,
     gpu_check: str = "auto",
     waveform: bool = False,
+    arch: str | None = None,
 ) -> ConversionResult:
     """Convert, validate and (only if every model passes) write models, assets and report.
 
-    fp32 runs blocks 2-6 as Winograd convolutions when ``winograd`` (CPU speed, bigger file);
-    fp16 and int8 use direct convolutions. Layouts: LAYOUTS. ``gpu_check`` (GPU_CHECKS): where LiteRT's
-    GPU accelerator runs, the fp32 and fp16 models also run on it, in fp16 and fp32 mode, held to
-    GPU_GATES against their CPU run (about a minute per model on a software GPU); "auto" records a
-    missing GPU and warns about a disagreeing one, "require" refuses to write models in either case.
-    With ``waveform``, also WAVEFORM_FILES for fp32/fp16 among ``precisions``: waveform in, the log-mel
-    front end in the graph, held to the same gates against the PyTorch body on the host log-mel.
+    The architecture comes from the checkpoint (family.detect: tensor names and shapes, the front
+    end's tensors, the upstream file name) or ``arch``; every model carries its spec (spec.py).
+    For the cnn14 layout, fp32 runs blocks 2-6 as Winograd convolutions when ``winograd`` (CPU speed,
+    bigger file); fp16 and int8 use direct convolutions. Layouts: LAYOUTS. ``gpu_check`` (GPU_CHECKS):
+    where LiteRT's GPU accelerator runs, the fp32 and fp16 models also run on it, in fp16 and fp32
+    mode, held to GPU_GATES against their CPU run (about a minute per model on a software GPU); "auto"
+    records a missing GPU and warns about a disagreeing one, "require" refuses to write models in
+    either case. With ``waveform``, also the waveform models of fp32/fp16 among ``precisions``
+    (32 kHz front ends): waveform in, the log-mel front end in the graph, held to the same gates
+    against the PyTorch body on the host log-mel.
 
     Raises ValidationError (after writing the report, but no model) when any model misses its gate.
     """
@@ -439,57 +502,81 @@ def convert_checkpoint(
         raise ValueError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
     if gpu_check not in GPU_CHECKS:  # model.GPU_CHECKS says what each means
         raise ValueError(f"unknown GPU check {gpu_check!r}; choose from {', '.join(GPU_CHECKS)}")
-    body = load_body(checkpoint)
-    inputs = validation_inputs()
-    reference = reference_outputs(body, inputs)
+    a, body = load(checkpoint, arch)
+    md5 = file_digest(checkpoint, "md5")
+    wave_in = a.inputs != ("logmel",)  # the body takes the waveform itself (Wavegram): every model is waveform-in
+    if waveform and (a.front_end != CNN14_FRONT_END or a.layout != "cnn14"):
+        raise ValueError(f"--waveform builds the 32 kHz CNN14 front end into the graph; {a.name} "
+                         f"({a.front_end.describe()}) has no waveform model yet")
+    base = a.spec(None, md5, wave_in, embedding=True)
+    inputs = validation_waveforms() if wave_in else validation_inputs(spec=base)
+    reference = reference_outputs(body, inputs, base)
     report: dict = {
-        "checkpoint": {"path": str(checkpoint), "bytes": checkpoint.stat().st_size, "md5": file_digest(checkpoint, "md5")},
+        "checkpoint": {"path": str(checkpoint), "bytes": checkpoint.stat().st_size, "md5": md5},
+        "architecture": a.name,
+        "front_end": dataclasses.asdict(a.front_end),
+        "published_map": a.published_map,
         "inputs": list(inputs),
-        "reference": "PyTorch Cnn14Body (soundtag.convert.cnn14), eval mode, float32",
+        "reference": f"PyTorch {type(body).__name__} (soundtag.convert.{a.body.split(':')[0]}), eval mode, float32",
         "models": {},
         "gpu_check": gpu_check,
         "versions": _versions(),
     }
-    # fp32 and int8 (CPU models) carry the 2048-d embedding as a second output; fp16 keeps the model
-    # card's single-output signature, a drop-in for its Android code.
+    # fp32 and int8 (CPU models) carry the embedding as a second output; fp16 keeps the model card's
+    # single-output signature, a drop-in for its Android code.
     blobs: dict[str, bytes] = {}
-    layouts = dict(LAYOUTS, fp32=LAYOUTS["fp32"] if winograd else ({}, NO_WINOGRAD_GROUP, None))
-    fp32 = to_fp32_tflite(body, layouts["fp32"], embedding=True)
+    if a.layout == "cnn14":
+        layouts = dict(LAYOUTS, fp32=LAYOUTS["fp32"] if winograd else ({}, NO_WINOGRAD_GROUP, None))
+    else:
+        layouts = {p: ({}, None, None) for p in PRECISIONS}
+
+    def convert(layout: tuple, embedding: bool) -> bytes:
+        return to_fp32_tflite(body, layout, embedding, a, base)
+
+    def with_spec(data: bytes, precision: str, embedding: bool) -> bytes:
+        return embed_spec(data, a.spec(precision, md5, wave_in, embedding))
+
+    fp32 = with_spec(convert(layouts["fp32"], True), "fp32", True)
     direct = None
     if "int8" in precisions:
-        direct = fp32 if layouts["int8"] == layouts["fp32"] else to_fp32_tflite(body, layouts["int8"], embedding=True)
-    plain = to_fp32_tflite(body, layouts["fp16"], embedding=False) if "fp16" in precisions else None
-    makers = {"fp32": lambda: fp32, "fp16": lambda: to_fp16_tflite(plain), "int8": lambda: to_int8_tflite(direct, INT8_FLOAT_LAYERS)}
-    conv_form = {p: _describe_layout(layouts[p]) for p in precisions}
+        direct = fp32 if layouts["int8"] == layouts["fp32"] else convert(layouts["int8"], True)
+    plain = convert(layouts["fp16"], False) if "fp16" in precisions else None
+    keep_float = INT8_FLOAT_LAYERS if a.layout == "cnn14" and not wave_in else ()
+    makers = {"fp32": lambda: fp32,
+              "fp16": lambda: with_spec(to_fp16_tflite(plain, (LogmelFrontEnd.__name__,) if wave_in else ()), "fp16", False),
+              "int8": lambda: with_spec(to_int8_tflite(direct, keep_float), "int8", True)}
+    conv_form = {p: _describe_layout(layouts[p]) if a.layout == "cnn14" else
+                 "as the PyTorch module (BatchNorm folded by the converter)" for p in precisions}
     fp32_out = run_tflite(fp32, inputs)
     for precision in precisions:
         data = makers[precision]()
         out = fp32_out if precision == "fp32" else run_tflite(data, inputs)
-        entry = _prove(MODEL_FILES[precision], precision, conv_form[precision], data, out, reference, gates[precision],
-                       GPU_GATES.get(precision), inputs, gpu_check)
+        gpu_gates = (WAVEFORM_GPU_GATES if wave_in else GPU_GATES).get(precision)
+        entry = _prove(a.file(precision), precision, conv_form[precision], data, out, reference, gates[precision],
+                       gpu_gates, inputs, gpu_check)
         if precision == "int8":
-            entry["float32_layers"] = list(INT8_FLOAT_LAYERS)
+            entry["float32_layers"] = list(keep_float)
         if precision != "fp32":
             entry["fidelity_vs_fp32"] = dataclasses.asdict(compare(precision, fp32_out.probs, out.probs, {"min_corr": 0.0, "max_abs_diff": None}))
         report["models"][precision] = entry
-        blobs[MODEL_FILES[precision]] = data
+        blobs[a.file(precision)] = data
         if _no_gpu_but_required(entry):  # no later model can pass: say so now, not after converting them
             waveform = False
             break
     del fp32, direct, plain, makers
     for precision in [p for p in precisions if p in WAVEFORM_FILES] if waveform else []:
         waves = validation_waveforms()
-        ref = reference_outputs(body, {k: features.logmel(v[0]).reshape(1, 1, features.N_FRAMES, features.N_MELS)
+        ref = reference_outputs(body, {k: features.logmel(v[0]).reshape(1, 1, CNN14.frames, CNN14_FRONT_END.n_mels)
                                        for k, v in waves.items()})
-        data = to_waveform_tflite(body, layouts[precision], precision)
+        data = embed_spec(to_waveform_tflite(body, layouts[precision], precision), a.spec(precision, md5, True, False))
         out = run_tflite(data, waves)
-        entry = _prove(WAVEFORM_FILES[precision], precision, "log-mel front end in the graph (convert/frontend.py), "
+        entry = _prove(a.file(precision, waveform=True), precision, "log-mel front end in the graph (convert/frontend.py), "
                        + conv_form[precision], data, out, ref, gates[precision],
                        WAVEFORM_GPU_GATES[precision], waves, gpu_check)
-        entry["reference"] = "PyTorch Cnn14Body on the host log-mel (features.logmel) of each waveform"
+        entry["reference"] = f"PyTorch {type(body).__name__} on the host log-mel (features.logmel) of each waveform"
         report.setdefault("waveform_inputs", list(waves))
         report["models"][f"waveform_{precision}"] = entry
-        blobs[WAVEFORM_FILES[precision]] = data
+        blobs[a.file(precision, waveform=True)] = data
     report["passed"] = all(m["passed"] for m in report["models"].values())
     report["seconds"] = round(time.perf_counter() - t0, 1)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -497,18 +584,18 @@ def convert_checkpoint(
     if report["passed"]:
         for file, data in blobs.items():
             written.append(atomic_write_bytes(output_dir / file, data))
-        basis = np.ascontiguousarray(features.mel_basis(), dtype="<f4")
-        written.append(atomic_write_bytes(output_dir / features.MEL_BASIS_FILE, basis.tobytes()))
-        names = "".join(lab.name + "\n" for lab in labels())
+        basis = np.ascontiguousarray(features.mel_basis(a.front_end), dtype="<f4")
+        written.append(atomic_write_bytes(output_dir / mel_basis_file(a.front_end), basis.tobytes()))
+        names = "".join(lab.name + "\n" for lab in base.labels)
         written.append(atomic_write_bytes(output_dir / LABELS_TXT, names.encode()))
-    written.append(atomic_write_bytes(output_dir / REPORT_FILE, (json.dumps(report, indent=2) + "\n").encode()))
+    written.append(atomic_write_bytes(output_dir / report_file(a), (json.dumps(report, indent=2) + "\n").encode()))
     if not report["passed"]:
         failed = [f"{p} (corr {m['parity_vs_pytorch']['min_corr']:.6f}, max|dp| "
                   f"{m['parity_vs_pytorch']['max_abs_diff']:.2e}, graph ok {m['graph']['passed']}"
                   + (f", {m['gpu']['finding']}" if m.get("gpu", {}).get("finding") else "") + ")"
                   for p, m in report["models"].items() if not m["passed"]]
         raise ValidationError(f"{checkpoint}: converted model failed validation: {', '.join(failed)}; "
-                              f"no model written (see {output_dir / REPORT_FILE})")
+                              f"no model written (see {output_dir / report_file(a)})")
     return ConversionResult(report, written)
 
 
@@ -523,7 +610,8 @@ def _prove(file: str, precision: str, form: str, data: bytes, out: ModelOutputs,
         "file": file,
         "precision": precision,
         "convolutions": form,
-        "outputs": ["probabilities [1, 527]"] + (["embedding [1, 2048]"] if out.embeddings else []),
+        "outputs": [f"probabilities [1, {len(next(iter(out.probs.values())))}]"]
+                   + ([f"embedding [1, {len(next(iter(out.embeddings.values())))}]"] if out.embeddings else []),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "parity_vs_pytorch": dataclasses.asdict(parity),
@@ -580,7 +668,7 @@ def _describe_layout(layout: tuple) -> str:
     if blocks:
         def tile(m: int, bs: list[int]) -> str:
             text = f"F({m}x{m},3x3) in block{'s' if len(bs) > 1 else ''} {', '.join(map(str, bs))}"
-            two = m == 2 and all(features.N_MELS >> (b - 1) == 2 for b in bs)  # WidthTwoConv3x3's blocks
+            two = m == 2 and all(CNN14_FRONT_END.n_mels >> (b - 1) == 2 for b in bs)  # WidthTwoConv3x3's blocks
             return text + (" as 12 GEMMs (2 wide: Karatsuba across the columns)" if two else "")
         parts.append("winograd " + ", ".join(tile(m, bs) for m, bs in _by_tile(blocks))
                      + (f" (GEMMs over groups of {winograd_group} input channels)" if winograd_group else ""))

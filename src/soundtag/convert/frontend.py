@@ -59,13 +59,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import features
+from ..spec import CNN14, CNN14_FRONT_END
 
-PAD_SAMPLES = features.N_FFT // 2  # reflect padding each side (center=True): 512 samples
-PADDED_SAMPLES = features.CLIP_SAMPLES + 2 * PAD_SAMPLES  # 321 024 samples
-HOPS_PER_FRAME = -(-features.N_FFT // features.HOP_SAMPLES)  # hop rows spanned by one frame: 4
-LAST_HOP_SAMPLES = features.N_FFT - (HOPS_PER_FRAME - 1) * features.HOP_SAMPLES  # of the 4th row: 64
-HOP_ROWS = features.N_FRAMES + HOPS_PER_FRAME - 1  # 1004 rows of 320 samples
-TAIL_ZEROS = HOP_ROWS * features.HOP_SAMPLES - PADDED_SAMPLES  # zero samples to fill the rows: 256
+FE = CNN14_FRONT_END  # the front end this graph is built for (its bin split and gains are measured for it)
+WINDOW_SAMPLES = CNN14.window_samples  # 320 000 samples: 10 s at 32 kHz
+FRAMES = CNN14.frames  # 1001
+PAD_SAMPLES = FE.n_fft // 2  # reflect padding each side (center=True): 512 samples
+PADDED_SAMPLES = WINDOW_SAMPLES + 2 * PAD_SAMPLES  # 321 024 samples
+HOPS_PER_FRAME = -(-FE.n_fft // FE.hop)  # hop rows spanned by one frame: 4
+LAST_HOP_SAMPLES = FE.n_fft - (HOPS_PER_FRAME - 1) * FE.hop  # of the 4th row: 64
+HOP_ROWS = FRAMES + HOPS_PER_FRAME - 1  # 1004 rows of 320 samples
+TAIL_ZEROS = HOP_ROWS * FE.hop - PADDED_SAMPLES  # zero samples to fill the rows: 256
 DFT_GAIN = 1.0 / 16  # DFT rows scale: |re|, |im| <= 1024 * DFT_GAIN = 64 for inputs in [-1, 1]
 SPECTRUM_RANGE = 64.0  # |re|, |im| after the spectral rescaling: squares <= 4096
 MEL_GAIN = 32.0  # mel basis scale: largest weight 0.58, largest mel energy 8 860 (fp16 max 65504)
@@ -82,7 +86,7 @@ def mel_bins() -> tuple[int, int]:
     """First and one-past-last rFFT bin with a nonzero mel weight: (2, 448) for 50 Hz - 14 kHz.
 
     Bins outside carry no weight in any band, so the DFT skips them (892 rows instead of 1026)."""
-    used = np.flatnonzero(features.mel_basis().any(axis=0))
+    used = np.flatnonzero(features.mel_basis(FE).any(axis=0))
     return int(used[0]), int(used[-1]) + 1
 
 
@@ -90,10 +94,10 @@ def dft_matrix() -> torch.Tensor:
     """float64 [2 * bins, 1024]: DFT_GAIN * cos rows, then DFT_GAIN * sin rows, for the rFFT bins
     of mel_bins() (the window is applied before, in the time domain)."""
     first, stop = mel_bins()
-    n = torch.arange(features.N_FFT, dtype=torch.float64)
+    n = torch.arange(FE.n_fft, dtype=torch.float64)
     k = torch.arange(first, stop, dtype=torch.float64)
     # exact phase: k * n mod N in integers, so the angles are those of the host's rFFT
-    angle = (2.0 * math.pi / features.N_FFT) * ((k[:, None] * n[None, :]) % features.N_FFT)
+    angle = (2.0 * math.pi / FE.n_fft) * ((k[:, None] * n[None, :]) % FE.n_fft)
     return DFT_GAIN * torch.cat([torch.cos(angle), torch.sin(angle)])
 
 
@@ -121,7 +125,7 @@ def low_bins_basis() -> torch.Tensor:
     """float64 [3, 1024]: 1, cos(2 pi n / N), sin(2 pi n / N), whose DFTs are confined to bins 0 and 1.
 
     Orthogonal over the frame (squared norms N, N/2, N/2)."""
-    angle = (2.0 * math.pi / features.N_FFT) * torch.arange(features.N_FFT, dtype=torch.float64)
+    angle = (2.0 * math.pi / FE.n_fft) * torch.arange(FE.n_fft, dtype=torch.float64)
     return torch.stack([torch.ones_like(angle), torch.cos(angle), torch.sin(angle)])
 
 
@@ -145,10 +149,10 @@ class LogmelFrontEnd(nn.Module):
         first, stop = mel_bins()
         if first < LOW_BINS:  # projecting bins 0 and 1 out is exact only if no band uses them
             raise ValueError(f"mel basis uses rFFT bin {first}; the front end needs bins >= {LOW_BINS}")
-        mel = torch.from_numpy(features.mel_basis()[:, first:stop].astype(np.float64))
+        mel = torch.from_numpy(features.mel_basis(FE)[:, first:stop].astype(np.float64))
         self.window = const(torch.from_numpy(features._window()).reshape(1, -1))  # [1, 1024]
         basis = low_bins_basis()
-        norms = torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64) * features.N_FFT
+        norms = torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64) * FE.n_fft
         self.low_bins_analysis = const(basis / norms[:, None])  # [3, 1024]: projection coefficients
         self.low_bins_synthesis = const(basis.T)  # [1024, 3]
         dft_hi, dft_rest = split_dft()
@@ -186,13 +190,13 @@ class LogmelFrontEnd(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         # reflect padding as a product with the reversal matrix (F.pad's "reflect" lowers to
         # GATHER_ND); the right edge also appends the zeros that complete the last hop row
-        n_in = features.CLIP_SAMPLES
+        n_in = WINDOW_SAMPLES
         left = F.linear(wave[:, 1 : PAD_SAMPLES + 1], self.reverse)  # x[512] ... x[1]
         tail = wave[:, n_in - PAD_SAMPLES - 1 : n_in - 1]
         right = F.linear(tail, self.reverse_tail)  # x[n-2] ... x[n-513], then 256 zeros
         x = torch.cat([left, wave, right], dim=1)  # [1, 321280]
-        hops = x.reshape(HOP_ROWS, features.HOP_SAMPLES)  # [1004, 320]
-        n = features.N_FRAMES
+        hops = x.reshape(HOP_ROWS, FE.hop)  # [1004, 320]
+        n = FRAMES
         parts = [hops[i : i + n] for i in range(HOPS_PER_FRAME - 1)]
         parts.append(hops[HOPS_PER_FRAME - 1 :, :LAST_HOP_SAMPLES])
         frames = torch.cat(parts, dim=1)  # [1001, 1024]
@@ -215,4 +219,4 @@ class LogmelFrontEnd(nn.Module):
         root4 = torch.maximum(torch.sqrt(torch.sqrt(mel)), self.root4_floor)
         gain_db = (torch.log(m) + torch.log(p) + torch.log(q)) * self.db_per_log_amplitude + self.db_offset
         db = torch.log(root4) * self.db_per_log_root4 + gain_db
-        return torch.maximum(db, self.db_floor).reshape(1, 1, n, features.N_MELS)
+        return torch.maximum(db, self.db_floor).reshape(1, 1, n, FE.n_mels)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InferenceError, ValidationError  # noqa: F401 (ValidationError re-exported)
-from ..model import Cnn14Model
+from ..model import Model
 
 # Parity gates (issue #2): probabilities of the LiteRT model vs the PyTorch body on every input.
 # The embedding (fc1 + ReLU, 2048-d) of the models that carry it is held to its own corr gate.
@@ -49,8 +49,6 @@ MAX_TENSOR_BYTES = 128 * 1024 * 1024  # WebGPU's default maxStorageBufferBinding
 # weights), integer ones at their own size (int8 weights stay int8).
 _GPU_BYTES = {"INT8": 1, "UINT8": 1, "INT16": 2, "FLOAT16": 4}
 
-OUTPUT_CLASSES = 527  # probabilities per input
-EMBEDDING_DIM = 2048  # fc1 + ReLU
 MAX_RANK = 4  # the GPU delegate handles tensors up to BHWC
 
 # Builtin ops the LiteRT GPU delegate accepts: the cases of NewOperationParser() in
@@ -181,16 +179,16 @@ class ModelOutputs:
 def run_tflite(model_bytes: bytes, inputs: dict, num_threads: int = 2) -> ModelOutputs:
     """Run a .tflite (bytes) on each named input [1,1,1001,64] through the tagger's own model wrapper:
     probabilities [527] (NaN where they are not valid probabilities) and embeddings [2048] per name."""
-    model = Cnn14Model.from_bytes(model_bytes, num_threads=num_threads, name="<converted model>")
+    model = Model.from_bytes(model_bytes, num_threads=num_threads, name="<converted model>")
     probs, embs = {}, {}
     for name, x in inputs.items():
         try:
             p, e = model.run(x)
         except InferenceError:
-            p, e = np.full(OUTPUT_CLASSES, np.nan), None
+            p, e = np.full(model.spec.num_classes, np.nan), None
         probs[name] = p.astype(np.float64)
         if model.has_embedding:
-            embs[name] = np.full(EMBEDDING_DIM, np.nan) if e is None else e.astype(np.float64)
+            embs[name] = np.full(model.spec.embedding_size, np.nan) if e is None else e.astype(np.float64)
     return ModelOutputs(probs, embs if model.has_embedding else None)
 
 
@@ -210,8 +208,7 @@ def gpu_parity(gates: dict, model_bytes: bytes, inputs: dict, cpu: ModelOutputs)
     report: dict = {"available": True, "modes": {}}
     for mode, gate in gates.items():
         try:
-            model = Cnn14Model.from_bytes(model_bytes, name="<converted model>", accelerator="gpu",
-                                          gpu_precision=mode)
+            model = Model.from_bytes(model_bytes, name="<converted model>", accelerator="gpu", gpu_precision=mode)
         except NoGpuError as exc:
             return {"available": False, "reason": exc.reason}
         except ModelError as exc:  # not fully accelerated, failed to load, or failed its probe
@@ -224,7 +221,7 @@ def gpu_parity(gates: dict, model_bytes: bytes, inputs: dict, cpu: ModelOutputs)
             try:
                 got[name] = model.run(x)[0].astype(np.float64)
             except InferenceError:
-                got[name] = np.full(OUTPUT_CLASSES, np.nan)
+                got[name] = np.full(model.spec.num_classes, np.nan)
         del model
         parity = compare(mode, cpu.probs, got, gate or {"min_corr": 0.0, "max_abs_diff": None})
         report["modes"][mode] = {"passed": parity.passed, "gated": gate is not None, "min_corr": parity.min_corr,

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ ARCH_MODULES = {  # architecture -> module of soundtag.convert holding its BODIE
     "Wavegram_Logmel_Cnn14": "wavegram",
 }
 ARCHS = list(ARCH_MODULES)
+# ResNet38's basic block bn2 and MobileNetV2's expanded inverted residual's last BN
+RESIDUAL_LAST_BN = re.compile(r"resnet\.layer\d\.\d+\.bn2\.weight|features\.\d+\.conv\.8\.weight")
 
 
 def body_class(arch: str):
@@ -71,6 +74,8 @@ def random_state_dict(template: dict, seed: int = 0) -> dict:
             out[key] = normal(shape, 0.3)
         elif key.endswith("running_var"):
             out[key] = uniform(shape, 0.3, 3.0)
+        elif RESIDUAL_LAST_BN.fullmatch(key):  # a residual branch's last BN gamma: small (upstream zero-inits
+            out[key] = uniform(shape, 0.05, 0.25)  # ResNet's), else the sums grow and the outputs saturate
         elif value.ndim == 1 and key.endswith("weight"):  # BN gamma
             out[key] = uniform(shape, 0.5, 1.5)
         elif key.startswith("fc_audioset.") and key.endswith("bias"):
@@ -127,7 +132,7 @@ def test_random_state_dict_loads_and_runs(arch):
     assert probs.shape == (1, NUM_CLASSES)
     assert torch.isfinite(emb).all() and (emb >= 0).all()
     assert ((probs >= 0) & (probs <= 1)).all()
-    assert 0.001 < probs.mean() < 0.999  # not saturated: the numbers carry information
+    assert ((probs > 0.01) & (probs < 0.99)).float().mean() > 0.5  # not saturated: the numbers carry information
     if cls.EMBEDDING_DIM <= 1024:  # one more forward only for the small bodies (keeps each test fast)
         with torch.no_grad():
             torch.testing.assert_close(body(*args), probs, rtol=0, atol=0)

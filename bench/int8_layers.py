@@ -36,9 +36,10 @@ def scene_inputs(n: int = 20) -> dict:
     """The bench's real-ish scenes (noise bursts, harmonic tones, clicks; bench.run's clips) as host
     log-mels: the fidelity a user sees on recordings, besides the converter's four validation inputs."""
     from soundtag import features
+    from soundtag.spec import CNN14
     from tests.fixtures import scene
 
-    return {f"scene{i}": features.logmel(scene(10, sr=features.SAMPLE_RATE, seed=i)).reshape(1, 1, -1, features.N_MELS)
+    return {f"scene{i}": features.logmel(scene(10, sr=CNN14.sample_rate, seed=i)).reshape(CNN14.input_shape)
             for i in range(n)}
 
 

@@ -122,7 +122,7 @@ class Soundtag:
         # staged, unpipelined: where the time goes
         times = {"decode": 0.0, "logmel": 0.0, "model": 0.0}
         a = time.perf_counter()
-        windows = list(iter_windows(AudioStream(path), self.tagger.hop))
+        windows = list(iter_windows(AudioStream(path), self.tagger.hop, self.tagger.spec.window_samples))
         times["decode"] = time.perf_counter() - a
         for _, _, w in windows:
             b = time.perf_counter()

@@ -28,14 +28,15 @@ def main() -> None:
     import litert_torch
     import torch
 
-    from soundtag import features
+    from soundtag import features  # noqa: F401
+    from soundtag.spec import CNN14
     from soundtag.convert.frontend import LogmelFrontEnd
     from soundtag.model import Model
     from tests.fixtures import cached_models, scene
 
     models = Path(os.environ["SOUNDTAG_BENCH_MODELS"]) if "SOUNDTAG_BENCH_MODELS" in os.environ else cached_models()
     with torch.inference_mode():
-        edge = litert_torch.convert(LogmelFrontEnd().eval(), (torch.zeros(1, features.CLIP_SAMPLES),))
+        edge = litert_torch.convert(LogmelFrontEnd().eval(), (torch.zeros(1, CNN14.window_samples),))
     front = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
     from ai_edge_litert.interpreter import Interpreter
 

@@ -63,6 +63,32 @@ def cached_models(cache: str | Path = CACHE, precisions: tuple[str, ...] = ALL_P
     return out
 
 
+FAMILY_SOURCES = ("convert/family.py", "convert/cnns.py", "convert/mobilenet.py", "convert/resnet.py",
+                  "convert/wavegram.py", "spec.py")
+
+
+def cached_family_models(arch: str, precisions: tuple[str, ...]) -> tuple[Path, Path]:
+    """(models dir, checkpoint) of a synthetic checkpoint of any family architecture, converted and
+    proven (no GPU check: the CNN14 fixture holds the GPU gates), cached like cached_models."""
+    from soundtag.convert.export import convert_checkpoint, report_file
+    from soundtag.convert.family import ARCHITECTURES
+    from soundtag.convert.synthetic import write_synthetic_checkpoint
+
+    h = hashlib.sha256(cache_key(precisions).encode())
+    for rel in FAMILY_SOURCES:
+        h.update((SRC / rel).read_bytes())
+    key = f"{arch}-{h.hexdigest()[:16]}"
+    checkpoint = CACHE / f"family-{key}" / f"{arch}_synthetic.pth"
+    out = CACHE / f"family-{key}" / "models"
+    if not checkpoint.is_file():
+        write_synthetic_checkpoint(checkpoint, arch=arch)
+    report = out / report_file(ARCHITECTURES[arch])
+    if not (report.is_file() and json.loads(report.read_text()).get("passed")):
+        shutil.rmtree(out, ignore_errors=True)
+        convert_checkpoint(checkpoint, out, precisions, gpu_check="off")
+    return out, checkpoint
+
+
 def tone(seconds: float, sr: int = SR, freq: float = 1000.0, amp: float = 0.5) -> np.ndarray:
     t = np.arange(int(seconds * sr)) / sr
     return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)

@@ -7,6 +7,8 @@ import torch
 from torchlibrosa.stft import LogmelFilterBank, Spectrogram
 
 from soundtag import features
+from soundtag.convert.family import FRONT_END_8K, FRONT_END_16K
+from soundtag.spec import CNN14, CNN14_FRONT_END
 from tests.fixtures import SR, scene, speech_wave, tone
 
 TOL_DB = 1e-3  # issue #2: max |delta| vs torchlibrosa
@@ -38,13 +40,48 @@ def test_mel_basis_equals_librosa():
 
 
 def test_constants_match_model_card():
-    assert features.N_FRAMES == 1001
-    assert features.CLIP_SAMPLES == 10 * features.SAMPLE_RATE
+    assert CNN14.frames == 1001 and CNN14.input_shape == (1, 1, 1001, 64)
+    assert CNN14.window_samples == 10 * CNN14.sample_rate == 320_000
+    assert CNN14_FRONT_END.n_freqs == 513 and CNN14.num_classes == 527
+
+
+FAMILY_FRONT_ENDS = {"32k": CNN14_FRONT_END, "16k": FRONT_END_16K, "8k": FRONT_END_8K}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_FRONT_ENDS))
+def test_family_mel_basis_equals_librosa(name):
+    """Each front end's basis (computed, except CNN14's shipped file) equals librosa.filters.mel's
+    for it, within float32 rounding of the same float64 formula."""
+    fe = FAMILY_FRONT_ENDS[name]
+    ref = librosa.filters.mel(sr=fe.sample_rate, n_fft=fe.n_fft, n_mels=fe.n_mels, fmin=fe.fmin, fmax=fe.fmax)
+    for basis in (features.slaney_mel_basis(fe), features.mel_basis(fe)):
+        assert basis.shape == (fe.n_mels, fe.n_freqs) and basis.dtype == np.float32
+        np.testing.assert_allclose(basis, ref, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["16k", "8k"])
+def test_family_logmel_matches_torchlibrosa(name):
+    """The 16 and 8 kHz front ends (Cnn14_16k, Cnn14_8k) vs torchlibrosa built with their numbers."""
+    fe = FAMILY_FRONT_ENDS[name]
+    rng = np.random.default_rng(3)
+    speech, sr = speech_wave()
+    x = librosa.resample(speech, orig_sr=sr, target_sr=fe.sample_rate, res_type="soxr_hq")[: 10 * fe.sample_rate]
+    for sig in (x, 0.1 * rng.standard_normal(10 * fe.sample_rate)):
+        sp = Spectrogram(n_fft=fe.n_fft, hop_length=fe.hop, win_length=fe.n_fft, window="hann", center=True,
+                         pad_mode="reflect", freeze_parameters=True).double()
+        lm = LogmelFilterBank(sr=fe.sample_rate, n_fft=fe.n_fft, n_mels=fe.n_mels, fmin=fe.fmin, fmax=fe.fmax,
+                              ref=1.0, amin=1e-10, top_db=None, freeze_parameters=True).double()
+        with torch.no_grad():
+            ref = lm(sp(torch.tensor(sig[None], dtype=torch.float64)))[0, 0].numpy()
+        got = features.logmel(sig, fe)
+        assert got.shape == (fe.frames(sig.size), fe.n_mels)
+        near = ref >= ref.max(axis=1, keepdims=True) - DYNAMIC_RANGE_DB
+        np.testing.assert_allclose(got[near], ref[near], rtol=0, atol=TOL_DB)
 
 
 def _signals():
     rng = np.random.default_rng(1)
-    n = features.CLIP_SAMPLES
+    n = CNN14.window_samples
     speech, sr = speech_wave()
     speech32 = librosa.resample(speech, orig_sr=sr, target_sr=SR, res_type="soxr_hq")[:n]
     return {

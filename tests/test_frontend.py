@@ -18,12 +18,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from soundtag import features
+from soundtag.spec import CNN14
 from soundtag.convert.frontend import LogmelFrontEnd
 from tests.fixtures import SR, scene, speech_wave, tone
 from tests.test_features import torchlibrosa_logmel
 
-N = features.CLIP_SAMPLES
-SHAPE = (1, 1, features.N_FRAMES, features.N_MELS)
+N = CNN14.window_samples
+SHAPE = CNN14.input_shape
 # (depth below the frame's loudest host bin, max |delta|), dB; measured worst case over the inputs
 # below in the comment (LiteRT 2.3, litert-torch 0.10, Mesa lavapipe)
 F32_TOL = ((60.0, 1e-3), (100.0, 0.02))  # float32 torch, LiteRT CPU, GPU enforce_f32: 2.6e-4, 0.0071

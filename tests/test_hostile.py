@@ -239,7 +239,7 @@ def test_window_rule_streaming_equals_closed_form_and_is_bounded():
     import tracemalloc
 
     tracemalloc.start()
-    assert sum(1 for _ in iter_windows(blocks(), hop=600 * 32_000)) == 7
+    assert sum(1 for _ in iter_windows(blocks(), hop=600 * 32_000, window=320_000)) == 7
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 4 * 320_000 * 4  # a few windows' worth (one is 1.28 MB), not an hour (460 MB)

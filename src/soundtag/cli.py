@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int, help="LiteRT threads per interpreter")
     _add_tag_options(v)
 
-    c = sub.add_parser("convert", help="convert an upstream CNN14 checkpoint to validated LiteRT models")
-    c.add_argument("checkpoint", help="Cnn14_mAP=0.431.pth or a file in the same format")
+    c = sub.add_parser("convert", help="convert an upstream PANNs checkpoint to validated LiteRT models")
+    c.add_argument("checkpoint", help="Cnn14_mAP=0.431.pth, Cnn14_16k_mAP=0.438.pth, ... or a file in the same format")
+    c.add_argument("--arch", help="the architecture, where the checkpoint and its name do not say (e.g. Cnn14, Cnn6)")
     c.add_argument("--output-dir", required=True, help="where models, mel basis, labels and report go")
     c.add_argument("--precision", nargs="+", action="extend", help="fp32 fp16 int8 (default: fp32 fp16)")
     c.add_argument("--no-winograd", action="store_true",
@@ -142,13 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--runs", type=int, default=3, help="timed windows after a warm-up (default 3)")
     st.add_argument("--threads", type=int, help="LiteRT CPU threads (default: one per core, up to 4)")
 
-    f = sub.add_parser("fetch", help="download the upstream checkpoint, verify it, convert it into the cache")
+    f = sub.add_parser("fetch", help="download upstream checkpoints, verify them, convert them into the cache")
+    f.add_argument("names", nargs="*", metavar="NAME", help="models to fetch (default: cnn14; 'soundtag models' lists them)")
     f.add_argument("--url", help="download from this URL instead of Zenodo (a mirror); still verified")
     f.add_argument("--md5", help="expected md5 (default: the upstream checkpoint's)")
     f.add_argument("--bytes", type=int, help="expected size in bytes (default: the upstream checkpoint's)")
     f.add_argument("--no-verify", action="store_true", help="accept any file from --url (no size or md5 check)")
     f.add_argument("--precision", nargs="+", action="extend", help="fp32 fp16 int8 (default: fp32 fp16)")
     _add_gpu_check_option(f)
+
+    sub.add_parser("models", help="list the PANNs family: names for fetch, files, md5 pins, front ends, what is installed")
 
     from . import evaluate
 
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"tag": _cmd_tag, "corpus": _cmd_corpus, "listen": _cmd_listen, "serve": _cmd_serve, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval,
+        commands = {"tag": _cmd_tag, "corpus": _cmd_corpus, "listen": _cmd_listen, "serve": _cmd_serve, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval, "models": _cmd_models,
                     "selftest": _cmd_selftest}
         return commands[args.command](args)
     except UsageError as exc:
@@ -380,8 +384,8 @@ def _cmd_convert(args) -> int:
         return EXIT_FAILED
     try:
         result = convert_checkpoint(args.checkpoint, args.output_dir, precisions, winograd=not args.no_winograd,
-                                    gpu_check=args.gpu_check, waveform=args.waveform)
-    except (CheckpointError, ValidationError) as exc:
+                                    gpu_check=args.gpu_check, waveform=args.waveform, arch=args.arch)
+    except (CheckpointError, ValidationError, ValueError) as exc:
         _err(str(exc))
         return EXIT_FAILED
     for precision, m in result.report["models"].items():
@@ -415,21 +419,65 @@ def _cmd_fetch(args) -> int:
             print(f"\rdownloading {pct}", end="", file=sys.stderr)
 
     try:
-        where = f.fetch(
-            url=args.url or f.UPSTREAM_URL,
-            expected_bytes=None if args.no_verify else (args.bytes if args.bytes is not None else f.UPSTREAM_BYTES),
-            expected_md5=None if args.no_verify else (args.md5 or f.UPSTREAM_MD5),
-            precisions=tuple(args.precision) if args.precision else None,
-            progress=progress, gpu_check=args.gpu_check,
-        )
+        entries = [f.checkpoint(n) for n in (args.names or ["cnn14"])]
     except FetchError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
-    except Exception as exc:  # conversion refused the checkpoint
-        _err(f"fetch: {exc}")
-        return EXIT_FAILED
-    print(f"models ready in {where}")
+        raise UsageError(str(exc)) from None
+    if len(entries) > 1 and (args.url or args.md5 or args.bytes is not None):
+        raise UsageError("--url, --md5 and --bytes describe one file: fetch one NAME with them")
+    failed = 0
+    for c in entries:
+        md5 = None if args.no_verify else (args.md5 or c.md5)
+        if md5 is None and not args.no_verify:
+            _err(f"fetch {c.name}: no md5 pin is known for {c.file} ({c.pin_source}); give --md5 (and --bytes) "
+                 "or --no-verify")
+            failed += 1
+            continue
+        try:
+            where = f.fetch(
+                url=args.url or c.url,
+                expected_bytes=None if args.no_verify else (args.bytes if args.bytes is not None else c.bytes),
+                expected_md5=md5,
+                precisions=tuple(args.precision) if args.precision else None,
+                progress=progress, gpu_check=args.gpu_check, file_name=c.file, arch=c.arch,
+            )
+        except FetchError as exc:
+            _err(str(exc))
+            failed += 1
+            continue
+        except Exception as exc:  # conversion refused the checkpoint
+            _err(f"fetch {c.name}: {exc}")
+            failed += 1
+            continue
+        print(f"{c.name}: models ready in {where}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _cmd_models(args) -> int:
+    """The registry as a table: name, architecture, mAP, front end, file, pins, installed models."""
+    from . import fetch as f
+    from .paths import models_dir
+
+    have = models_dir()
+    rows = [("name", "architecture", "mAP", "front end", "checkpoint", "md5", "bytes", "installed")]
+    for c in f.CHECKPOINTS.values():
+        fe = _front_end_text(c.arch)
+        installed = sorted(p.name.rsplit("_", 1)[-1].removesuffix(".tflite")
+                           for p in have.glob(f"{c.arch.lower()}_audioset_*.tflite")) if have.is_dir() else []
+        rows.append((c.name, c.arch, f"{c.published_map:.3f}", fe, c.file, c.md5 or "(no pin)",
+                     str(c.bytes) if c.bytes else "?", ",".join(installed) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
     return EXIT_OK
+
+
+def _front_end_text(arch: str) -> str:
+    """'32000 Hz' etc. from the family table where the converter is installed, else from the name."""
+    try:
+        from .convert.family import ARCHITECTURES
+    except ImportError:
+        return "16000 Hz" if "16k" in arch else "8000 Hz" if "8k" in arch else "32000 Hz"
+    return f"{ARCHITECTURES[arch].front_end.sample_rate} Hz"
 
 
 def _cmd_corpus(args) -> int:

@@ -1,4 +1,4 @@
-"""Download, verify and convert the upstream checkpoint into the user cache.
+"""Download, verify and convert the upstream checkpoints into the user cache; the family's registry.
 
 Every download is checked against the upstream size and md5 unless the caller says otherwise (a
 mirror gets the same checks); a connection that closes before its Content-Length is a failed download;
@@ -12,7 +12,9 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from .errors import FetchError, OutputError
 from .files import file_digest, open_nofollow
@@ -25,7 +27,55 @@ UPSTREAM_URL = "https://zenodo.org/record/3987831/files/Cnn14_mAP%3D0.431.pth?do
 UPSTREAM_NAME = "Cnn14_mAP=0.431.pth"
 UPSTREAM_BYTES = 327_428_481
 UPSTREAM_MD5 = "541141fa2ee191a88f24a3219fff024e"
+ZENODO_RECORD = "https://zenodo.org/record/3987831/files/"
 CHUNK_BYTES = 1 << 20  # download read size
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One upstream checkpoint: where it is, what it must be, where each pin came from."""
+
+    name: str  # what `soundtag fetch NAME` takes
+    arch: str  # convert.family.ARCHITECTURES key (also the model files' prefix, lower-cased)
+    file: str  # the file on Zenodo record 3987831
+    md5: str | None  # None: no pin found; fetch needs --md5 or --no-verify
+    bytes: int | None  # None: size not pinned (md5 still checked)
+    published_map: float
+    pin_source: str  # where the md5/size pin was found (not checked against Zenodo here)
+
+    @property
+    def url(self) -> str:
+        return ZENODO_RECORD + quote(self.file) + "?download=1"
+
+
+# Pins from public code that downloads these files (issue #19 lists them); Cnn14's from the model card.
+CHECKPOINTS = {c.name: c for c in (
+    Checkpoint("cnn14", "Cnn14", UPSTREAM_NAME, UPSTREAM_MD5, UPSTREAM_BYTES, 0.431,
+               "Zenodo 3987831 and the model card (DESIGN.md)"),
+    Checkpoint("cnn14-16k", "Cnn14_16k", "Cnn14_16k_mAP=0.438.pth", "362fc5ff18f1d6ad2f6d464b45893f2c", 358_668_570,
+               0.438, "public download scripts, as quoted in issue #19"),
+    Checkpoint("cnn14-8k", "Cnn14_8k", "Cnn14_8k_mAP=0.416.pth", None, None, 0.416, "no pin found"),
+    Checkpoint("cnn10", "Cnn10", "Cnn10_mAP=0.380.pth", "bfb1f1f9968938fa8ef4012b8471f5f6", 25_237_595, 0.380,
+               "public download scripts, as quoted in issue #19"),
+    Checkpoint("cnn6", "Cnn6", "Cnn6_mAP=0.343.pth", "e25e26b84585b14c7754c91e48efc9be", None, 0.343,
+               "public download scripts, as quoted in issue #19 (size unknown)"),
+    Checkpoint("mobilenetv1", "MobileNetV1", "MobileNetV1_mAP=0.389.pth", "a419303e1c88aa1b9d2ac3811563d371",
+               23_639_473, 0.389, "public download scripts, as quoted in issue #19"),
+    Checkpoint("mobilenetv2", "MobileNetV2", "MobileNetV2_mAP=0.383.pth", None, None, 0.383, "no pin found"),
+    Checkpoint("resnet38", "ResNet38", "ResNet38_mAP=0.434.pth", "bf12f36aaabac4e0855e22d3c3239c1b", 299_615_982,
+               0.434, "public download scripts, as quoted in issue #19"),
+    Checkpoint("wavegram-logmel-cnn14", "Wavegram_Logmel_Cnn14", "Wavegram_Logmel_Cnn14_mAP=0.439.pth",
+               "17fa9ab65af3c0eb5ffbc5f65552c4e1", 328_692_198, 0.439, "public download scripts, as quoted in issue #19"),
+)}
+
+
+def checkpoint(name: str) -> Checkpoint:
+    """The registry entry of a name (case-insensitive; an architecture name works too)."""
+    key = name.lower().replace("_", "-")
+    for c in CHECKPOINTS.values():
+        if key in (c.name, c.arch.lower().replace("_", "-")):
+            return c
+    raise FetchError(f"unknown model {name!r}; choose from {', '.join(CHECKPOINTS)}")
 RETRIES = 5  # resumed attempts after a broken connection
 
 
@@ -129,13 +179,15 @@ def fetch(
     precisions: tuple[str, ...] | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     gpu_check: str = "auto",
+    file_name: str = UPSTREAM_NAME,
+    arch: str | None = None,
 ) -> Path:
-    """Download the checkpoint into the cache, convert and validate it (``gpu_check``: as
-    convert.export.convert_checkpoint); returns the models dir."""
-    checkpoint = download(url, cache_dir() / UPSTREAM_NAME, expected_bytes, expected_md5, progress)
+    """Download a checkpoint into the cache as ``file_name``, convert and validate it (``gpu_check``:
+    as convert.export.convert_checkpoint; ``arch``: its architecture); returns the models dir."""
+    checkpoint = download(url, cache_dir() / file_name, expected_bytes, expected_md5, progress)
     try:
         from .convert.export import DEFAULT_PRECISIONS, convert_checkpoint
     except ImportError as exc:
         raise FetchError(f"checkpoint saved at {checkpoint}; converting it needs pip install 'soundtag[convert]' ({exc})") from None
-    convert_checkpoint(checkpoint, models_dir(), precisions or DEFAULT_PRECISIONS, gpu_check=gpu_check)
+    convert_checkpoint(checkpoint, models_dir(), precisions or DEFAULT_PRECISIONS, gpu_check=gpu_check, arch=arch)
     return models_dir()

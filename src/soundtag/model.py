@@ -44,7 +44,7 @@ from . import features
 from .errors import InferenceError, ModelError, NoGpuError
 from .files import atomic_write_bytes, create_beside, file_chunks
 from .paths import weight_cache_dir
-from .spec import ModelSpec, from_signature, read_spec
+from .spec import CNN14, ModelSpec, from_signature, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +451,7 @@ class _GpuRunner(_CompiledRunner):
         return result
 
 
-def probe_input(spec: ModelSpec) -> np.ndarray:
+def probe_input(spec: ModelSpec = CNN14) -> np.ndarray:
     """The shipped speech clip's first window, at the model's rate, as its input (spec.input_shape):
     log-mel (CNN14: [1, 1, 1001, 64]) or, for a waveform model, the samples (CNN14: [1, 320000])."""
     from importlib import resources

@@ -270,6 +270,10 @@ def embed_spec(model: bytes, spec: ModelSpec) -> bytes:
     entry.name = SPEC_METADATA_NAME
     entry.buffer = len(m.buffers) - 1
     m.metadata = entries + [entry]
+    raw = np.frombuffer(model, np.uint8)
+    for b in m.buffers:  # a buffer stored after the flatbuffer (offset, size: ai-edge-quantizer writes them) goes inline
+        if b.offset > 1:
+            b.data, b.offset, b.size = raw[b.offset : b.offset + b.size], 0, 0
     builder = flatbuffers.Builder(len(model) + payload.size + (1 << 20))
     for b in m.buffers:  # each weight buffer as a 16-byte aligned vector (CreateNumpyVector aligns to 1)
         if isinstance(b.data, np.ndarray) and b.data.size:

@@ -40,7 +40,8 @@ from .cnn14 import Cnn14Body
 from .family import ARCHITECTURES, Architecture, load
 from .frontend import LogmelFrontEnd
 from .winograd import WidthTwoConv3x3, WinogradConv3x3
-from .validate import GATES, GPU_GATES, WAVEFORM_GPU_GATES, ModelOutputs, compare, gpu_parity, inspect_graph, run_tflite
+from .validate import (GATES, GPU_GATES, MAX_TENSOR_BYTES, WAVEFORM_GPU_GATES, ModelOutputs, compare, gpu_parity,
+                       inspect_graph, run_tflite)
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +174,46 @@ class _PlainExport(nn.Module):
 
     def __init__(self, body: nn.Module, embedding: bool) -> None:
         super().__init__()
+        import copy
+
+        body = copy.deepcopy(body).eval()
+        for parent in list(body.modules()):  # no weight over WebGPU's 128 MiB binding limit (ResNet38, Wavegram)
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.Conv2d) and child.weight.numel() * 4 > MAX_TENSOR_BYTES:
+                    setattr(parent, child_name, _SplitConv2d(child))
         for name, t in list(body.named_parameters()) + list(body.named_buffers()):
             assert t.is_contiguous(), name  # litert-torch #1238: a non-contiguous constant is written wrongly
-        self.body, self.embedding = body.eval(), embedding
+        self.body, self.embedding = body, embedding
 
     def forward(self, *inputs: torch.Tensor):
         emb = self.body.embed(*inputs)
         probs = self.body.classify(emb)
         return (probs, emb) if self.embedding else probs
+
+
+class _SplitConv2d(nn.Module):
+    """A Conv2d as the sum of convolutions over groups of input channels, each weight under
+    MAX_TENSOR_BYTES in fp32 (as _DirectConv's groups do in the cnn14 layout)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        assert conv.groups == 1 and conv.padding_mode == "zeros"
+        cin = conv.in_channels
+        per = max(1, MAX_TENSOR_BYTES // (4 * conv.weight[:, :1].numel()))
+        self.group = 1 << (min(per, cin).bit_length() - 1)  # a power of two that fits
+        for i, k in enumerate(range(0, cin, self.group)):
+            self.register_buffer(f"w{i}", conv.weight.detach()[:, k : k + self.group].contiguous().clone())
+        self.parts = -(-cin // self.group)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
+        for i in range(self.parts):
+            part = F.conv2d(x[:, i * self.group : (i + 1) * self.group], getattr(self, f"w{i}"), None,
+                            self.stride, self.padding, self.dilation)
+            y = part if y is None else y + part
+        return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
 
 
 class _WaveformInputs(nn.Module):

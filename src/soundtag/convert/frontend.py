@@ -150,7 +150,7 @@ class LogmelFrontEnd(nn.Module):
         if first < LOW_BINS:  # projecting bins 0 and 1 out is exact only if no band uses them
             raise ValueError(f"mel basis uses rFFT bin {first}; the front end needs bins >= {LOW_BINS}")
         mel = torch.from_numpy(features.mel_basis(FE)[:, first:stop].astype(np.float64))
-        self.window = const(torch.from_numpy(features._window()).reshape(1, -1))  # [1, 1024]
+        self.window = const(torch.from_numpy(features._window(FE.n_fft)).reshape(1, -1))  # [1, 1024]
         basis = low_bins_basis()
         norms = torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64) * FE.n_fft
         self.low_bins_analysis = const(basis / norms[:, None])  # [3, 1024]: projection coefficients

@@ -171,3 +171,41 @@ def test_broken_cached_model_says_which_file_and_what_to_do(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert code == 1 and f"{cached}: not a LiteRT model" in err and "run 'soundtag fetch' again" in err
     assert err.count("\n") == 1
+
+
+@pytest.fixture
+def cnn6_server():
+    """The handler above serving the synthetic Cnn6 checkpoint (upstream format) instead."""
+    from tests.fixtures import cached_family_models
+
+    _, checkpoint = cached_family_models("Cnn6", ("fp32", "fp16", "int8"))
+    _Handler.payload, _Handler.requests, _Handler.breaks = checkpoint.read_bytes(), [], 0
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/Cnn6_mAP%3D0.343.pth", checkpoint
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_fetch_a_family_member_by_name(cnn6_server, tmp_path, monkeypatch, capsys):
+    """`soundtag fetch cnn6` downloads under the upstream file name, converts with the registry's
+    architecture into {arch}_audioset_{precision}.tflite, and `soundtag models` lists it as installed;
+    a model without an md5 pin needs --md5 or --no-verify; an unknown name is a usage error."""
+    url, checkpoint = cnn6_server
+    monkeypatch.setenv("SOUNDTAG_CACHE", str(tmp_path / "cache"))
+    data = checkpoint.read_bytes()
+    code = main(["fetch", "cnn6", "--url", url, "--md5", hashlib.md5(data).hexdigest(), "--gpu-check", "off"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    models = tmp_path / "cache" / "models"
+    assert (tmp_path / "cache" / "Cnn6_mAP=0.343.pth").read_bytes() == data
+    assert {p.name for p in models.glob("cnn6_*.tflite")} == {"cnn6_audioset_fp32.tflite", "cnn6_audioset_fp16.tflite"}
+    assert json.loads((models / "cnn6_conversion_report.json").read_text())["architecture"] == "Cnn6"
+    assert main(["models"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cnn6 "))
+    assert "Cnn6_mAP=0.343.pth" in row and "e25e26b84585b14c7754c91e48efc9be" in row and row.endswith("fp16,fp32")
+    assert main(["fetch", "cnn14-8k", "--url", url]) == 1
+    assert "no md5 pin is known for Cnn14_8k_mAP=0.416.pth" in capsys.readouterr().err
+    assert main(["fetch", "cnn99"]) == 2
+    assert "unknown model 'cnn99'; choose from cnn14, cnn14-16k" in capsys.readouterr().err
+    assert fetch.checkpoint("Wavegram_Logmel_Cnn14").url.endswith("Wavegram_Logmel_Cnn14_mAP%3D0.439.pth?download=1")

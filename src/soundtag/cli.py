@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="Cnn14_mAP=0.431.pth, Cnn14_16k_mAP=0.438.pth, ... or a file in the same format")
     c.add_argument("--arch", help="the architecture, where the checkpoint and its name do not say (e.g. Cnn14, Cnn6)")
     c.add_argument("--output-dir", required=True, help="where models, mel basis, labels and report go")
-    c.add_argument("--precision", nargs="+", action="extend", help="fp32 fp16 int8 (default: fp32 fp16)")
+    c.add_argument("--precision", nargs="+", action="extend", help="fp32 fp16 int8 (default: fp32 fp16; the MobileNets fp32)")
     c.add_argument("--no-winograd", action="store_true",
                    help="fp32 with direct convolutions (smaller file, slower on CPU; fp16/int8 always direct)")
     c.add_argument("--waveform", action="store_true",
@@ -370,13 +370,13 @@ def _read_thresholds(path: str) -> dict[str, float]:
 def _cmd_convert(args) -> int:
     try:
         from .convert.cnn14 import CheckpointError
-        from .convert.export import DEFAULT_PRECISIONS, PRECISIONS, convert_checkpoint
+        from .convert.export import PRECISIONS, convert_checkpoint
         from .errors import ValidationError
     except ImportError as exc:
         _err(f"convert needs the conversion tools: pip install 'soundtag[convert]' ({exc})")
         return EXIT_FAILED
-    precisions = tuple(args.precision or DEFAULT_PRECISIONS)
-    bad = [p for p in precisions if p not in PRECISIONS]
+    precisions = tuple(args.precision) if args.precision else None  # None: the architecture's own
+    bad = [p for p in precisions or () if p not in PRECISIONS]
     if bad:
         raise UsageError(f"--precision {bad[0]!r}: choose from {', '.join(PRECISIONS)}")
     if not Path(args.checkpoint).is_file():

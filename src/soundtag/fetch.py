@@ -186,8 +186,8 @@ def fetch(
     as convert.export.convert_checkpoint; ``arch``: its architecture); returns the models dir."""
     checkpoint = download(url, cache_dir() / file_name, expected_bytes, expected_md5, progress)
     try:
-        from .convert.export import DEFAULT_PRECISIONS, convert_checkpoint
+        from .convert.export import convert_checkpoint
     except ImportError as exc:
         raise FetchError(f"checkpoint saved at {checkpoint}; converting it needs pip install 'soundtag[convert]' ({exc})") from None
-    convert_checkpoint(checkpoint, models_dir(), precisions or DEFAULT_PRECISIONS, gpu_check=gpu_check, arch=arch)
+    convert_checkpoint(checkpoint, models_dir(), precisions, gpu_check=gpu_check, arch=arch)
     return models_dir()

@@ -341,13 +341,15 @@ def validation_waveforms(seed: int = 0) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, np.float32).reshape(1, n) for k, v in waves.items()}
 
 
-def to_fp16_tflite(fp32: bytes, keep_float32: tuple[str, ...] = ()) -> bytes:
+def to_fp16_tflite(fp32: bytes, keep_float32: tuple[str, ...] = (), ops: tuple[str, ...] = ("*",)) -> bytes:
     """float16 weights (FC and conv constants) with explicit DEQUANTIZE, via ai-edge-quantizer.
 
     Ops whose output tensor names match a regex of ``keep_float32`` keep float32 constants: the
     waveform model's front end, whose DFT in float16 weights would leak ~-66 dB under each frame's
-    peak into every other bin (speech corr 0.977, a chirp 0.51 vs the fp32 front end)."""
-    recipe = [_aeq_rule("float_casting", {"num_bits": 16, "dtype": "FLOAT"}, "FLOAT", True)]
+    peak into every other bin (speech corr 0.977, a chirp 0.51 vs the fp32 front end). ``ops``: the
+    op types whose constants become float16 (PLAIN_FP16_OPS for the plain layouts)."""
+    recipe = [dict(_aeq_rule("float_casting", {"num_bits": 16, "dtype": "FLOAT"}, "FLOAT", True), operation=op)
+              for op in ops]
     recipe += [{"regex": scope, "operation": "*", "algorithm_key": "no_quantize", "op_config": {}} for scope in keep_float32]
     return _quantize(fp32, recipe)
 
@@ -397,6 +399,10 @@ INT8_FLOAT_LAYERS = ("block1.conv1", "block1.conv2", "block2.conv1")
 # The plain layouts keep their first convolutions float for the same reason (the log-mel's widest
 # range): measured on the synthetic Cnn10, all int8 corr 0.99777 vs PyTorch, under the 0.998 gate.
 PLAIN_INT8_FLOAT_OPS = 3
+# The plain layouts' fp16 casts convolutions and dense layers only: their unfolded BatchNorms' MUL/ADD
+# constants (shift = beta - mean * scale, large and cancelling) and the depthwise kernels stay float32
+# (a few kB). Synthetic MobileNetV1: every constant float16 corr 0.99959, these 0.99990 (gate 0.9999).
+PLAIN_FP16_OPS = ("CONV_2D", "FULLY_CONNECTED")
 
 
 def weighted_op_outputs(model: bytes, expected: int | None = len(INT8_LAYERS)) -> list[str]:
@@ -512,7 +518,7 @@ def mel_basis_file(fe: FrontEnd) -> str:
 def convert_checkpoint(
     checkpoint: str | Path,
     output_dir: str | Path,
-    precisions: tuple[str, ...] = DEFAULT_PRECISIONS,
+    precisions: tuple[str, ...] | None = None,
     gates: dict | None = None,
     winograd: bool = True,
     gpu_check: str = "auto",
@@ -532,17 +538,19 @@ def convert_checkpoint(
     (32 kHz front ends): waveform in, the log-mel front end in the graph, held to the same gates
     against the PyTorch body on the host log-mel.
 
+    ``precisions`` None: the architecture's own (family.Architecture.precisions: fp32 and fp16 for most).
     Raises ValidationError (after writing the report, but no model) when any model misses its gate.
     """
     t0 = time.perf_counter()
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     gates = {**GATES, **(gates or {})}
-    bad = [p for p in precisions if p not in MODEL_FILES]
+    bad = [p for p in precisions or () if p not in MODEL_FILES]
     if bad:
         raise ValueError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
     if gpu_check not in GPU_CHECKS:  # model.GPU_CHECKS says what each means
         raise ValueError(f"unknown GPU check {gpu_check!r}; choose from {', '.join(GPU_CHECKS)}")
     a, body = load(checkpoint, arch)
+    precisions = tuple(precisions or a.precisions)
     md5 = file_digest(checkpoint, "md5")
     wave_in = a.inputs != ("logmel",)  # the body takes the waveform itself (Wavegram): every model is waveform-in
     if waveform and (a.front_end != CNN14_FRONT_END or a.layout != "cnn14"):
@@ -584,7 +592,8 @@ def convert_checkpoint(
     keep_float = INT8_FLOAT_LAYERS if a.layout == "cnn14" and not wave_in else ()
     keep_first = 0 if keep_float else PLAIN_INT8_FLOAT_OPS
     makers = {"fp32": lambda: fp32,
-              "fp16": lambda: with_spec(to_fp16_tflite(plain, (LogmelFrontEnd.__name__,) if wave_in else ()), "fp16", False),
+              "fp16": lambda: with_spec(to_fp16_tflite(plain, (LogmelFrontEnd.__name__,) if wave_in else (),
+                                                       ("*",) if a.layout == "cnn14" else PLAIN_FP16_OPS), "fp16", False),
               "int8": lambda: with_spec(to_int8_tflite(direct, keep_float, keep_first), "int8", True)}
     conv_form = {p: _describe_layout(layouts[p]) if a.layout == "cnn14" else
                  "as the PyTorch module (BatchNorm folded by the converter)" for p in precisions}

@@ -176,3 +176,31 @@ def test_spec_json_round_trip():
     back = ModelSpec.from_json(spec.to_json())
     assert back == spec and back.frames == 1001 and back.input_shape == (1, 1, 1001, 64) and back.window_s == 10
     assert back.labels is CNN14.labels  # the shared AudioSet table
+
+
+def test_16k_model_through_tag_and_listen(tmp_path):
+    """The 16 kHz model from the command line: `tag` on a file of another rate, and `listen -` on raw
+    PCM without --rate (the model's own 16 kHz), equal to Tagger.tag_file and Tagger.tag_waveform."""
+    from tests.fixtures import scene, write_wav
+
+    out, _ = cached_family_models("Cnn14_16k", BIG["Cnn14_16k"])
+    model = out / "cnn14_16k_audioset_fp32.tflite"
+    x = scene(14, sr=44_100, seed=2)
+    path = write_wav(tmp_path / "scene.wav", x, 44_100, subtype="FLOAT")
+    tagger = Tagger(TaggerOptions(model_path=str(model), top_k=527))
+    want = tagger.tag_file(path)
+    r = subprocess.run([sys.executable, "-m", "soundtag", "tag", str(path), "--model", str(model), "--top-k", "527",
+                        "--format", "jsonl"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = {t["index"]: t["score"] for t in json.loads(r.stdout)["tags"]}
+    np.testing.assert_allclose([got[i] for i in range(527)], want.clip_scores, rtol=0, atol=1e-6)
+    import soxr
+
+    pcm16k = soxr.resample(x, 44_100, 16_000, quality="HQ").astype("<f4")
+    r = subprocess.run([sys.executable, "-m", "soundtag", "listen", "-", "--model", str(model), "--format", "jsonl",
+                        "--top-k", "3"], input=pcm16k.tobytes(), capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    windows = [rec for rec in map(json.loads, r.stdout.decode().splitlines()) if "event" not in rec]
+    ref = tagger.tag_waveform(pcm16k)  # at the model's rate: nothing resampled, the same windows
+    assert [round(w["start_s"], 3) for w in windows] == [round(w.start_s, 3) for w in ref.windows]
+    assert [t["index"] for t in windows[0]["tags"]] == [c.index for c in ref.windows[0].categories[:3]]

@@ -106,6 +106,9 @@ def test_plain_endpoints(server):
     assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
     info = httpx.get(server.url + "/info").json()
     assert info["precision"] == "int8" and len(info["sha256"]) == 64 and info["accelerator"] == "cpu"
+    spec = info["spec"]  # what the model file says it is (issue #19)
+    assert (spec["architecture"], spec["sample_rate"], spec["window_samples"], spec["frames"], spec["classes"],
+            spec["embedding_size"], spec["spec_from"]) == ("Cnn14", 32_000, 320_000, 1001, 527, 2048, "metadata")
     labs = httpx.get(server.url + "/v1/labels").json()
     assert len(labs) == 527 and labs[0] == {"index": 0, "mid": "/m/09x0r", "label": "Speech"}
     text = httpx.get(server.url + "/metrics").text

@@ -199,3 +199,27 @@ def test_accelerator_options_are_checked(models):
     assert r.returncode == 2 and "invalid choice: 'tpu'" in r.stderr
     r = _cli("selftest", "--model", models / "cnn14_audioset_fp32.tflite", "--format", "json", "--runs", "1")
     assert r.returncode == 0 and json.loads(r.stdout)["accelerator"] == "cpu"
+
+
+@needs_gpu
+@pytest.mark.parametrize("arch", ["Cnn6", "MobileNetV1"])
+def test_family_models_run_on_the_gpu_like_the_cpu(arch):
+    """A small model of another architecture (issue #19) on LiteRT's GPU accelerator: fully accelerated,
+    its probe (the speech clip, GPU vs CPU) within the fp32 probe gates, and a real scene's clip scores
+    equal to the CPU run's."""
+    from soundtag.convert.family import ARCHITECTURES
+    from soundtag.convert.validate import GPU_GATES
+    from tests.fixtures import cached_family_models
+
+    out, _ = cached_family_models(arch, {"Cnn6": ("fp32", "fp16", "int8"), "MobileNetV1": ("fp32",)}[arch])
+    path = out / ARCHITECTURES[arch].file("fp32")
+    gpu = Cnn14Model(path, accelerator="gpu", gpu_precision="fp32")
+    assert gpu.accelerator == "gpu" and gpu.gpu.fully_accelerated and gpu.spec.architecture == arch
+    x = probe_input(gpu.spec)
+    want, got = Cnn14Model(path)(x), gpu(x)
+    gate = GPU_GATES["fp32"]["fp32"]
+    assert pearson(want, got) >= gate["min_corr"] and float(np.max(np.abs(want - got))) <= gate["max_abs_diff"]
+    wave = scene(12, sr=32000, seed=4)
+    cpu_scores = Tagger(TaggerOptions(model_path=str(path))).tag_waveform(wave, 32000).clip_scores
+    gpu_scores = Tagger(TaggerOptions(model_path=str(path)), gpu).tag_waveform(wave, 32000).clip_scores
+    np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=0, atol=gate["max_abs_diff"])

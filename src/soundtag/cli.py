@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write one combined file: .jsonl, .csv, .parquet (every score) or Raven selection table .txt")
     t.add_argument("--resume", action="store_true", help="with --output: skip inputs already in FILE")
     t.add_argument("--plot", metavar="PNG", help="draw the timeline of the top classes (one input only)")
-    t.add_argument("--labels", action="store_true", help="print the 527 classes (index, MID, name) and exit")
+    t.add_argument("--labels", action="store_true", help="print the 527 AudioSet classes (index, MID, name) and exit")
 
     r = sub.add_parser("corpus", help="tag an archive on Ray Data into a folder of Parquet files ([ray])")
     r.add_argument("paths", nargs="+", metavar="INPUT",
@@ -166,7 +166,7 @@ def _add_tag_options(p: argparse.ArgumentParser) -> None:
     from .spec import DEFAULT_WINDOW_S as WINDOW_S
 
     p.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
-    p.add_argument("--top-k", type=int, default=5, help="tags per clip and per window (1-527, default 5)")
+    p.add_argument("--top-k", type=int, default=5, help="tags per clip and per window (1 to the model's classes: 527 for AudioSet; default 5)")
     p.add_argument("--threshold", type=_finite("--threshold"),
                    help="report only scores >= this, in [0, 1]; also the event threshold (default 0.5)")
     p.add_argument("--thresholds", metavar="FILE", help="per-class thresholds: JSON {name: t} or lines 'name,t'")
@@ -178,7 +178,7 @@ def _add_tag_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-duration", type=_finite("--max-duration"), default=24 * 3600, metavar="SECONDS",
                    help="refuse inputs longer than this (default 86400 = 24 h)")
     p.add_argument("--embeddings", action="store_true",
-                   help="add the 2048-d clip embedding to each record (fp32/int8 models)")
+                   help="add the clip embedding to each record (fp32/int8 models; CNN14 2048-d, Cnn6/10 512, MobileNets 1024)")
     _add_accelerator_options(p)
 
 

@@ -49,15 +49,15 @@ class TagResult:
     clip: tuple[Category, ...]
     windows: tuple[WindowResult, ...]
     events: tuple[Event, ...]
-    clip_scores: np.ndarray = field(repr=False, compare=False)  # [527]
-    window_scores: np.ndarray = field(repr=False, compare=False)  # [windows, 527]
+    clip_scores: np.ndarray = field(repr=False, compare=False)  # [classes] (527 for AudioSet)
+    window_scores: np.ndarray = field(repr=False, compare=False)  # [windows, classes]
     window_starts_s: np.ndarray = field(repr=False, compare=False)  # [windows]
-    clip_embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # [2048], when asked
-    window_embeddings: np.ndarray | None = field(default=None, repr=False, compare=False)  # [windows, 2048]
+    clip_embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # [embedding size] (CNN14: 2048), when asked
+    window_embeddings: np.ndarray | None = field(default=None, repr=False, compare=False)  # [windows, embedding size]
 
     def to_record(self, scores: bool = False) -> dict:
         """The JSON object of this tagged input; ``"embedding"`` when embeddings were asked for; with
-        ``scores`` also all 527 clip scores (``"clip_scores"``) and window scores (``"scores"``)."""
+        ``scores`` also all clip scores (``"clip_scores"``) and window scores (``"scores"``)."""
         rec = {
             "path": self.path,
             "duration_s": round(self.duration_s, 6),

@@ -26,7 +26,7 @@ INT_SCALE = {"<i2": 32768.0, "<i4": 2147483648.0}  # integer PCM full scale
 
 @dataclass(frozen=True)
 class StreamWindow:
-    """A completed window: its time span, reported tags and all 527 scores; ``latency_s`` is the time from
+    """A completed window: its time span, reported tags and all its scores; ``latency_s`` is the time from
     the block that completed it arriving to this result."""
 
     start_s: float

@@ -42,17 +42,21 @@ def _conv_bn(inp: int, oup: int, stride: int, act: type[nn.Module]) -> nn.Sequen
     )
 
 
+def _depthwise_pointwise(channels: int, oup: int, stride: int, act: type[nn.Module], last_act: bool) -> list[nn.Module]:
+    """[depthwise 3x3, pool, BN, act, pointwise 1x1, BN(, act)]: both MobileNets' separable convolution."""
+    return [
+        nn.Conv2d(channels, channels, KERNEL, 1, KERNEL // 2, groups=channels, bias=False),
+        _pool(stride),
+        nn.BatchNorm2d(channels),
+        act(),
+        nn.Conv2d(channels, oup, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(oup),
+    ] + ([act()] if last_act else [])
+
+
 def _conv_dw(inp: int, oup: int, stride: int) -> nn.Sequential:
     """Upstream MobileNetV1 ``conv_dw``: [depthwise 3x3, pool, BN, ReLU, pointwise 1x1, BN, ReLU]."""
-    return nn.Sequential(
-        nn.Conv2d(inp, inp, KERNEL, 1, KERNEL // 2, groups=inp, bias=False),
-        _pool(stride),
-        nn.BatchNorm2d(inp),
-        nn.ReLU(),
-        nn.Conv2d(inp, oup, 1, 1, 0, bias=False),
-        nn.BatchNorm2d(oup),
-        nn.ReLU(),
-    )
+    return nn.Sequential(*_depthwise_pointwise(inp, oup, stride, nn.ReLU, last_act=True))
 
 
 class InvertedResidual(nn.Module):
@@ -62,14 +66,7 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = round(inp * expand_ratio)
         self.use_res_connect = stride == 1 and inp == oup
-        depthwise = [
-            nn.Conv2d(hidden, hidden, KERNEL, 1, KERNEL // 2, groups=hidden, bias=False),
-            _pool(stride),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU6(),
-            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(oup),
-        ]
+        depthwise = _depthwise_pointwise(hidden, oup, stride, nn.ReLU6, last_act=False)
         expand = []  # the 1x1 expansion, absent when expand_ratio is 1
         if expand_ratio != 1:
             expand = [nn.Conv2d(inp, hidden, 1, 1, 0, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]

@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -201,9 +202,12 @@ def test_fetch_a_family_member_by_name(cnn6_server, tmp_path, monkeypatch, capsy
     assert (tmp_path / "cache" / "Cnn6_mAP=0.343.pth").read_bytes() == data
     assert {p.name for p in models.glob("cnn6_*.tflite")} == {"cnn6_audioset_fp32.tflite", "cnn6_audioset_fp16.tflite"}
     assert json.loads((models / "cnn6_conversion_report.json").read_text())["architecture"] == "Cnn6"
+    assert main(["selftest", "--model", str(models / "cnn6_audioset_fp32.tflite"), "--runs", "1"]) == 0
+    capsys.readouterr()
     assert main(["models"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cnn6 "))
-    assert "Cnn6_mAP=0.343.pth" in row and "e25e26b84585b14c7754c91e48efc9be" in row and row.endswith("fp16,fp32")
+    assert "Cnn6_mAP=0.343.pth" in row and "e25e26b84585b14c7754c91e48efc9be" in row and " 4.8M " in row
+    assert re.search(r"fp16 10, fp32 19 [0-9.]+ms$", row), row  # sizes (MB) and what selftest measured
     assert main(["fetch", "cnn14-8k", "--url", url]) == 1
     assert "no md5 pin is known for Cnn14_8k_mAP=0.416.pth" in capsys.readouterr().err
     assert main(["fetch", "cnn99"]) == 2

@@ -426,6 +426,8 @@ def _cmd_fetch(args) -> int:
         raise UsageError("--url, --md5 and --bytes describe one file: fetch one NAME with them")
     failed = 0
     for c in entries:
+        if args.no_verify:
+            _err(f"fetch {c.name}: --no-verify: {args.url or c.url} is converted without any size or md5 check")
         md5 = None if args.no_verify else (args.md5 or c.md5)
         if md5 is None and not args.no_verify:
             _err(f"fetch {c.name}: no md5 pin is known for {c.file} ({c.pin_source}); give --md5 (and --bytes) "
@@ -453,22 +455,37 @@ def _cmd_fetch(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    """The registry as a table: name, architecture, mAP, front end, file, pins, installed models."""
+    """The registry as a table: name, architecture, mAP, rate, parameters, checkpoint and pins, the cached
+    models (precision: MB, and ms per window where `soundtag selftest` measured it)."""
     from . import fetch as f
     from .paths import models_dir
+    from .selftest import measured
 
-    have = models_dir()
-    rows = [("name", "architecture", "mAP", "front end", "checkpoint", "md5", "bytes", "installed")]
+    have, times = models_dir(), measured()
+    rows = [("name", "architecture", "mAP", "rate", "params", "checkpoint", "md5", "bytes", "cached (MB, ms/window)")]
     for c in f.CHECKPOINTS.values():
-        fe = _front_end_text(c.arch)
-        installed = sorted(p.name.rsplit("_", 1)[-1].removesuffix(".tflite")
-                           for p in have.glob(f"{c.arch.lower()}_audioset_*.tflite")) if have.is_dir() else []
-        rows.append((c.name, c.arch, f"{c.published_map:.3f}", fe, c.file, c.md5 or "(no pin)",
-                     str(c.bytes) if c.bytes else "?", ",".join(installed) or "-"))
+        installed = []
+        for p in sorted(have.glob(f"{c.arch.lower()}_audioset_*.tflite")) if have.is_dir() else []:
+            ms = times.get(p.name, {}).get("ms_per_window")
+            installed.append(f"{p.name.removeprefix(c.arch.lower() + '_audioset_').removesuffix('.tflite')} "
+                             f"{p.stat().st_size / 1e6:.0f}" + (f" {ms:g}ms" if ms is not None else ""))
+        rows.append((c.name, c.arch, f"{c.published_map:.3f}", _front_end_text(c.arch), _parameters(c.arch), c.file,
+                     c.md5 or "(no pin)", str(c.bytes) if c.bytes else "?", ", ".join(installed) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
     return EXIT_OK
+
+
+def _parameters(arch: str) -> str:
+    """The body's parameter count (millions), where the converter (torch) is installed."""
+    try:
+        from .convert.family import ARCHITECTURES
+    except ImportError:
+        return "?"
+    import math
+
+    return f"{sum(math.prod(s) for s in ARCHITECTURES[arch].body_signature().values()) / 1e6:.1f}M"
 
 
 def _front_end_text(arch: str) -> str:

@@ -10,9 +10,19 @@ import time
 
 import numpy as np
 
+import contextlib
+import json
+import logging
+from pathlib import Path
+
 from .errors import SoundtagError
+from .files import atomic_write_bytes
 from .model import Model, probe_input
-from .paths import resolve_model_path
+from .paths import models_dir, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+MEASURED_FILE = "measured.json"  # in the models cache: ms per window of each cached model, by selftest
 
 
 def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precision: str | None = None,
@@ -52,7 +62,31 @@ def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precis
     report.update(probe=f"speech_espeak.flac (first {model.spec.window_s:g} s at {model.spec.sample_rate} Hz)",
                   top_tag={"name": model.spec.labels[top].name, "score": float(probs[top])},
                   ms_per_window=round(1000 * float(np.median(times)), 1), runs=runs, passed=True)
+    record_measurement(path, report)
     return report
+
+
+def record_measurement(path: Path, report: dict) -> None:
+    """Keep a cached model's ms per window (and where it ran) in the cache's MEASURED_FILE, which
+    `soundtag models` shows; models outside the cache are not recorded. Never fails the selftest."""
+    cache = models_dir()
+    with contextlib.suppress(OSError, ValueError):
+        if Path(path).resolve().parent != cache.resolve():
+            return
+        table_file = cache / MEASURED_FILE
+        table = json.loads(table_file.read_text()) if table_file.is_file() else {}
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+        table[Path(path).name] = {"ms_per_window": report["ms_per_window"], "accelerator": report["accelerator"],
+                                  "cpu": cpu, "adapter": report.get("adapter")}
+        atomic_write_bytes(table_file, (json.dumps(table, indent=1) + "\n").encode())
+
+
+def measured() -> dict:
+    """{model file name: what selftest measured} for the cached models ({} when nothing was measured)."""
+    try:
+        return json.loads((models_dir() / MEASURED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def format_table(report: dict) -> str:

@@ -354,7 +354,8 @@ def to_fp16_tflite(fp32: bytes, keep_float32: tuple[str, ...] = (), ops: tuple[s
     return _quantize(fp32, recipe)
 
 
-def to_int8_tflite(fp32: bytes, keep_float: tuple[str, ...] = (), keep_first: int = 0) -> bytes:
+def to_int8_tflite(fp32: bytes, keep_float: tuple[str, ...] = (), keep_first: int = 0,
+                   keep_scopes: tuple[str, ...] = ()) -> bytes:
     """Dynamic-range int8 (ai-edge-quantizer's dynamic_wi8_afp32 recipe); the layers named in
     ``keep_float`` (INT8_LAYERS: "block1.conv1" ... "block6.conv2", "fc1", "fc_audioset") keep float32
     weights and arithmetic.
@@ -376,13 +377,15 @@ def to_int8_tflite(fp32: bytes, keep_float: tuple[str, ...] = (), keep_first: in
     if unknown:
         raise ValueError(f"unknown layer {unknown[0]!r}; choose from {', '.join(INT8_LAYERS)}")
     if keep_first:  # any architecture: its first convolutions (in graph order) by their output names
-        first = weighted_op_outputs(fp32, expected=None)[:keep_first]
+        first = [n for n in weighted_op_outputs(fp32, expected=None) if not any(sc in n for sc in keep_scopes)][:keep_first]
         names.update({f"op{i}": n for i, n in enumerate(first)})
         keep_float = tuple(keep_float) + tuple(f"op{i}" for i in range(len(first)))
     # ai-edge-quantizer searches the regex in a string that holds the op's output name (anchors fail);
     # litert-torch's names nest (";6" inside ";;...;6", ";3" a prefix of ";31"), hence the guards
     recipe += [{"regex": "(?<!;)" + re.escape(names[k]) + r"(?!\d)", "operation": "*", "algorithm_key": "no_quantize",
                 "op_config": {}} for k in keep_float]
+    # ops whose output names hold one of keep_scopes (a module's name: the waveform front end) stay float
+    recipe += [{"regex": scope, "operation": "*", "algorithm_key": "no_quantize", "op_config": {}} for scope in keep_scopes]
     with _aeq_no_chunking():
         return _quantize(fp32, recipe)
 
@@ -591,10 +594,11 @@ def convert_checkpoint(
     plain = convert(layouts["fp16"], False) if "fp16" in precisions else None
     keep_float = INT8_FLOAT_LAYERS if a.layout == "cnn14" and not wave_in else ()
     keep_first = 0 if keep_float else PLAIN_INT8_FLOAT_OPS
+    front_scope = (LogmelFrontEnd.__name__,) if wave_in else ()  # the in-graph DFT stays float32
     makers = {"fp32": lambda: fp32,
               "fp16": lambda: with_spec(to_fp16_tflite(plain, (LogmelFrontEnd.__name__,) if wave_in else (),
                                                        ("*",) if a.layout == "cnn14" else PLAIN_FP16_OPS), "fp16", False),
-              "int8": lambda: with_spec(to_int8_tflite(direct, keep_float, keep_first), "int8", True)}
+              "int8": lambda: with_spec(to_int8_tflite(direct, keep_float, keep_first, front_scope), "int8", True)}
     conv_form = {p: _describe_layout(layouts[p]) if a.layout == "cnn14" else
                  "as the PyTorch module (BatchNorm folded by the converter)" for p in precisions}
     fp32_out = run_tflite(fp32, inputs)
@@ -605,7 +609,8 @@ def convert_checkpoint(
         entry = _prove(a.file(precision), precision, conv_form[precision], data, out, reference, gates[precision],
                        gpu_gates, inputs, gpu_check)
         if precision == "int8":
-            entry["float32_layers"] = list(keep_float) or [f"the first {keep_first} convolutions"]
+            entry["float32_layers"] = (list(keep_float) or ([f"the first {keep_first} convolutions"] if keep_first else [])
+                                       + [f"every op of {s}" for s in front_scope])
         if precision != "fp32":
             entry["fidelity_vs_fp32"] = dataclasses.asdict(compare(precision, fp32_out.probs, out.probs, {"min_corr": 0.0, "max_abs_diff": None}))
         report["models"][precision] = entry

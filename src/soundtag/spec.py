@@ -67,7 +67,7 @@ class FrontEnd:
 
 
 CNN14_FRONT_END = FrontEnd()  # 32 kHz, as upstream Cnn14 (and Cnn6/10, the MobileNets, ResNet38, Wavegram)
-DEFAULT_WINDOW_S = 10  # s; every PANNs AudioSet model was trained on 10 s clips
+DEFAULT_WINDOW_S = 10.0  # s; every PANNs AudioSet model was trained on 10 s clips
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class ModelSpec:
     architecture: str = "Cnn14"
     front_end: FrontEnd = CNN14_FRONT_END
     input: str = "logmel"  # INPUT_KINDS
-    window_samples: int = DEFAULT_WINDOW_S * CNN14_FRONT_END.sample_rate  # the model's fixed window
+    window_samples: int = round(DEFAULT_WINDOW_S * CNN14_FRONT_END.sample_rate)  # the model's fixed window
     labels: tuple[Label, ...] = field(default_factory=audioset_labels)
     embedding_size: int | None = 2048  # the second output (fc1 + ReLU), None: the model has none
     checkpoint_md5: str | None = None

@@ -186,7 +186,8 @@ def test_wrong_model_signature(tmp_path, fp32_model):
     edge = litert_torch.convert(Small().eval(), (torch.zeros(1, 1, 100, 64),))
     path = tmp_path / "other.tflite"
     edge.export(str(path))
-    with pytest.raises(ModelError, match=r"input is float32\[1, 1, 100, 64\], expected float32\[1, 1, 1001, 64\]"):
+    with pytest.raises(ModelError, match=r"other.tflite: has no soundtag model spec, and its signature \(input "
+                                         r"\[1, 1, 100, 64\], outputs \[1, 1\]\) is not CNN14's \(input \[1, 1, 1001, 64\]"):
         Cnn14Model(path)
     junk = tmp_path / "junk.tflite"
     junk.write_bytes(b"\x00" * 1000)

@@ -3,8 +3,9 @@ module, in one process, interleaved, medians; with file sizes and the fp32 parit
 
     python -m bench.family [--threads 2] [--runs 7] [--arch Cnn6 Cnn10 ...]
 
-Synthetic checkpoints (tests/fixtures.py cached_family_models): the speed of a model does not depend on
-its weights' values. Input: the shipped speech clip at each model's rate (model.probe_input).
+Synthetic checkpoints: the speed of a model does not depend on its weights' values. Models: the newest
+passed conversion of each architecture found under --search folders (default: the test cache), else
+converted now (tests/fixtures.py). Input: the shipped speech clip at each model's rate (model.probe_input).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--arch", nargs="+", default=list(ARCHS))
+    ap.add_argument("--search", nargs="+", default=None, help="folders to look for converted models in")
     args = ap.parse_args()
 
     import torch
@@ -43,11 +45,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.arch:
         a = family.ARCHITECTURES[name]
-        if name == "Cnn14":
-            out, checkpoint = cached_models(), None
+        found = _find(a, report_file(a), args.search)
+        if found is not None:
+            out, checkpoint = found
+        elif name == "Cnn14":
             from tests.fixtures import cached_checkpoint
 
-            checkpoint = cached_checkpoint()
+            out, checkpoint = cached_models(), cached_checkpoint()
         else:
             out, checkpoint = cached_family_models(name, ARCHS[name])
         report = json.loads((out / report_file(a)).read_text())
@@ -83,6 +87,21 @@ def main() -> None:
             print(f"| {name if i == 0 else ''} | {a.published_map:.3f} | {ref:.1f} | {p} | {mb:.0f} | {ms:.1f} | "
                   f"{ref / ms:.2f}x | {corr:.7f} |" if i == 0 else
                   f"| | | | {p} | {mb:.0f} | {ms:.1f} | {ref / ms:.2f}x | |", flush=True)
+
+
+def _find(arch, report_name: str, roots: list[str] | None):
+    """(models folder, checkpoint) of the newest passed conversion of ``arch`` with all of ARCHS' files."""
+    from pathlib import Path
+
+    from tests.fixtures import CACHE
+
+    reports = [p for root in (roots or [str(CACHE)]) for p in Path(root).rglob(report_name)]
+    for p in sorted(reports, key=lambda p: p.stat().st_mtime, reverse=True):
+        r = json.loads(p.read_text())
+        if r.get("passed") and Path(r["checkpoint"]["path"]).is_file() and \
+                all((p.parent / arch.file(q)).is_file() for q in ARCHS[arch.name]):
+            return p.parent, Path(r["checkpoint"]["path"])
+    return None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""soundtag: AudioSet sound-event tagging with PANNs CNN14 on LiteRT, fed by a numpy log-mel."""
+"""soundtag: AudioSet sound-event tagging with the PANNs family (CNN14 and its siblings) on LiteRT, fed by a
+numpy log-mel; every model file carries its spec (soundtag.spec)."""
 
 from .audio import AudioStream, load_audio
 from .errors import (

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gpu_check_option(c)
 
     st = sub.add_parser("selftest", help="load a model, run the probe on the CPU or GPU, report parity and speed")
-    st.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
+    st.add_argument("--model", help="a soundtag .tflite of any family model (default: $SOUNDTAG_MODEL, then the cache "
+                    "from 'soundtag fetch')")
     _add_accelerator_options(st)
     st.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
     st.add_argument("--runs", type=int, default=3, help="timed windows after a warm-up (default 3)")
@@ -165,7 +166,8 @@ def _add_tag_options(p: argparse.ArgumentParser) -> None:
     from .scoring import AGGREGATES
     from .spec import DEFAULT_WINDOW_S as WINDOW_S
 
-    p.add_argument("--model", help="CNN14 .tflite (default: $SOUNDTAG_MODEL, then the cache from 'soundtag fetch')")
+    p.add_argument("--model", help="a soundtag .tflite of any family model (default: $SOUNDTAG_MODEL, then the cache "
+                    "from 'soundtag fetch')")
     p.add_argument("--top-k", type=int, default=5, help="tags per clip and per window (1 to the model's classes: 527 for AudioSet; default 5)")
     p.add_argument("--threshold", type=_finite("--threshold"),
                    help="report only scores >= this, in [0, 1]; also the event threshold (default 0.5)")

@@ -5,7 +5,7 @@ The model's numbers (sample rate, window, front end, labels, embedding size) com
 the file (spec.py), or, for a file without one, from its signature (the model card's CNN14).
 
 One wrapper for every user of a model: the tagger, and the converter's validation, which runs the
-bytes it is about to write through ``Cnn14Model.from_bytes`` so the gate tests the code that ships.
+bytes it is about to write through ``Model.from_bytes`` so the gate tests the code that ships.
 
 Two runtimes: the CPU (XNNPACK, the default) and the GPU (LiteRT's ``CompiledModel`` on its GPU
 accelerator: ML Drift over WebGPU/Dawn, which reaches Vulkan, Metal or D3D12). A model file runs on

@@ -213,3 +213,12 @@ def test_fetch_a_family_member_by_name(cnn6_server, tmp_path, monkeypatch, capsy
     assert main(["fetch", "cnn99"]) == 2
     assert "unknown model 'cnn99'; choose from cnn14, cnn14-16k" in capsys.readouterr().err
     assert fetch.checkpoint("Wavegram_Logmel_Cnn14").url.endswith("Wavegram_Logmel_Cnn14_mAP%3D0.439.pth?download=1")
+
+
+def test_registry_agrees_with_the_converter():
+    """Every registry entry names an architecture the converter knows, at that architecture's rate."""
+    from soundtag.convert.family import ARCHITECTURES
+
+    for c in fetch.CHECKPOINTS.values():
+        a = ARCHITECTURES[c.arch]
+        assert c.sample_rate == a.front_end.sample_rate and c.file == a.upstream_file and c.published_map == a.published_map

@@ -471,7 +471,7 @@ def _cmd_models(args) -> int:
             ms = times.get(p.name, {}).get("ms_per_window")
             installed.append(f"{p.name.removeprefix(c.arch.lower() + '_audioset_').removesuffix('.tflite')} "
                              f"{p.stat().st_size / 1e6:.0f}" + (f" {ms:g}ms" if ms is not None else ""))
-        rows.append((c.name, c.arch, f"{c.published_map:.3f}", _front_end_text(c.arch), _parameters(c.arch), c.file,
+        rows.append((c.name, c.arch, f"{c.published_map:.3f}", f"{c.sample_rate} Hz", _parameters(c.arch), c.file,
                      c.md5 or "(no pin)", str(c.bytes) if c.bytes else "?", ", ".join(installed) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -488,15 +488,6 @@ def _parameters(arch: str) -> str:
     import math
 
     return f"{sum(math.prod(s) for s in ARCHITECTURES[arch].body_signature().values()) / 1e6:.1f}M"
-
-
-def _front_end_text(arch: str) -> str:
-    """'32000 Hz' etc. from the family table where the converter is installed, else from the name."""
-    try:
-        from .convert.family import ARCHITECTURES
-    except ImportError:
-        return "16000 Hz" if "16k" in arch else "8000 Hz" if "8k" in arch else "32000 Hz"
-    return f"{ARCHITECTURES[arch].front_end.sample_rate} Hz"
 
 
 def _cmd_corpus(args) -> int:

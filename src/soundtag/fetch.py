@@ -42,6 +42,7 @@ class Checkpoint:
     bytes: int | None  # None: size not pinned (md5 still checked)
     published_map: float
     pin_source: str  # where the md5/size pin was found (not checked against Zenodo here)
+    sample_rate: int = 32_000  # Hz, its front end's (convert.family holds the whole front end)
 
     @property
     def url(self) -> str:
@@ -53,8 +54,8 @@ CHECKPOINTS = {c.name: c for c in (
     Checkpoint("cnn14", "Cnn14", UPSTREAM_NAME, UPSTREAM_MD5, UPSTREAM_BYTES, 0.431,
                "Zenodo 3987831 and the model card (DESIGN.md)"),
     Checkpoint("cnn14-16k", "Cnn14_16k", "Cnn14_16k_mAP=0.438.pth", "362fc5ff18f1d6ad2f6d464b45893f2c", 358_668_570,
-               0.438, "public download scripts, as quoted in issue #19"),
-    Checkpoint("cnn14-8k", "Cnn14_8k", "Cnn14_8k_mAP=0.416.pth", None, None, 0.416, "no pin found"),
+               0.438, "public download scripts, as quoted in issue #19", 16_000),
+    Checkpoint("cnn14-8k", "Cnn14_8k", "Cnn14_8k_mAP=0.416.pth", None, None, 0.416, "no pin found", 8_000),
     Checkpoint("cnn10", "Cnn10", "Cnn10_mAP=0.380.pth", "bfb1f1f9968938fa8ef4012b8471f5f6", 25_237_595, 0.380,
                "public download scripts, as quoted in issue #19"),
     Checkpoint("cnn6", "Cnn6", "Cnn6_mAP=0.343.pth", "e25e26b84585b14c7754c91e48efc9be", None, 0.343,

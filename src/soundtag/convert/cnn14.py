@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .family import FRONT_END_PREFIXES, CheckpointError, _check_keys, body_state, read_checkpoint  # noqa: F401
+from .family import FRONT_END_PREFIXES, CheckpointError  # noqa: F401 (re-exported: the errors of load_body)
 
 NUM_CLASSES = 527  # AudioSet
 MEL_BINS = 64
@@ -71,26 +71,9 @@ class Cnn14Body(nn.Module):
         return self.classify(self.embed(logmel))
 
 
-def body_state_dict(checkpoint: object) -> dict[str, torch.Tensor]:
-    """The body's tensors from an upstream checkpoint ({"model": sd} or a bare state_dict)."""
-    sd = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError("not a state_dict (expected {'model': state_dict} or a bare state_dict)")
-    return body_state(sd)
-
-
 def load_body(path: str | Path) -> Cnn14Body:
     """Load an upstream-format CNN14 checkpoint (any of the Cnn14 front ends: the body is the same;
-    weights only, strict key check)."""
-    path = Path(path)
-    sd = body_state(read_checkpoint(path))
-    body = Cnn14Body()
-    _check_keys_cnn14(body, sd, path)
-    body.load_state_dict(sd, strict=True)
-    return body.eval()
+    weights only, strict key check): family.load with the architecture fixed."""
+    from .family import load
 
-
-def _check_keys_cnn14(body: Cnn14Body, sd: dict, path: Path) -> None:
-    from .family import ARCHITECTURES
-
-    _check_keys(ARCHITECTURES["Cnn14"], {k: tuple(v.shape) for k, v in sd.items()}, path)
+    return load(path, "Cnn14")[1]

@@ -131,8 +131,6 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _numpy_globals() -> list:
     """numpy's array reconstruction and dtypes, which a pickled numpy array or RandomState names."""
-    import numpy.core.multiarray as multiarray  # noqa: F401 - numpy 2 keeps the old path as an alias
-
     out = [np.ndarray, np.dtype, np.random.RandomState, np.random.mtrand._rand.__class__]
     for name in ("_reconstruct", "scalar"):
         for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):

@@ -17,7 +17,7 @@ import sys
 import types
 from pathlib import Path
 
-ARCHITECTURES = ("Cnn14", "Cnn6", "Cnn10", "MobileNetV1", "MobileNetV2", "ResNet38", "Wavegram_Logmel_Cnn14")
+ARCHITECTURES = ("Cnn14", "Cnn14_DecisionLevelMax", "Cnn14_DecisionLevelAtt", "Cnn6", "Cnn10", "MobileNetV1", "MobileNetV2", "ResNet38", "Wavegram_Logmel_Cnn14")
 AUDIOSET_ARGS = dict(  # the AudioSet checkpoints' constructor arguments
     sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50, fmax=14000, classes_num=527
 )

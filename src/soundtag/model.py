@@ -181,7 +181,12 @@ class Model:
 
         InferenceError when a probability is not finite or not in [0, 1], or the embedding not finite."""
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.input_shape)
-        return _checked(*(self._gpu or self._cpu).run(x))
+        probs, second = (self._gpu or self._cpu).run(x)
+        if self.spec.framewise:  # a SED model: its segmentwise scores [steps, classes], probabilities too
+            segs = np.asarray(second, np.float32).reshape(self.spec.segmentwise_shape[1:])
+            _checked(segs, None)
+            return _checked(probs, None)[0], segs
+        return _checked(probs, second)
 
 
 def _checked(probs: np.ndarray, emb: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -224,7 +229,7 @@ class _CpuRunner:
         self._interp = interp
         self._in, self._out = inputs[0]["index"], outputs[p]["index"]
         self._emb = None if e is None else outputs[e]["index"]
-        self.has_embedding = e is not None
+        self.has_embedding = e is not None and not spec.framewise  # a SED model's second output: segmentwise
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         self._interp.set_tensor(self._in, x)
@@ -253,7 +258,7 @@ class _CompiledRunner:
         details = model.get_output_tensor_details(key)
         shapes = [tuple(int(d) for d in details[o]["shape"]) for o in signature[key]["outputs"]]
         self._p, self._e = self.spec.output_roles(shapes, name)
-        self.has_embedding = self._e is not None
+        self.has_embedding = self._e is not None and not self.spec.framewise
         self._sizes = [int(np.prod(s)) for s in shapes]
         self._inputs = model.create_input_buffers(0)
         self._outputs = model.create_output_buffers(0)

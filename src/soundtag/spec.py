@@ -82,6 +82,9 @@ class ModelSpec:
     embedding_size: int | None = 2048  # the second output (fc1 + ReLU), None: the model has none
     checkpoint_md5: str | None = None
     precision: str | None = None  # fp32, fp16, int8
+    # sound event detection (DecisionLevel) models: log-mel frames per step of their second output,
+    # segmentwise [1, frames // frames_per_segment, classes] (upstream: 32); None: a clip model
+    frames_per_segment: int | None = None
     source: str = field(default="metadata", compare=False)  # "metadata" or "signature": how it was found
 
     def __post_init__(self) -> None:
@@ -95,6 +98,11 @@ class ModelSpec:
         if self.embedding_size is not None and (isinstance(self.embedding_size, bool) or
                                                 not isinstance(self.embedding_size, int) or self.embedding_size < 1):
             raise ValueError(f"spec embedding_size must be a positive integer or None, got {self.embedding_size!r}")
+        fps = self.frames_per_segment
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= self.frames):
+            raise ValueError(f"spec frames_per_segment must be an integer in 1..frames or None, got {fps!r}")
+        if fps is not None and self.embedding_size is not None:
+            raise ValueError("spec: a sound event detection model (frames_per_segment) has no embedding output")
 
     # --- numbers every consumer reads -------------------------------------------------------
     @property
@@ -125,12 +133,38 @@ class ModelSpec:
         return (1, self.num_classes)
 
     @property
+    def framewise(self) -> bool:
+        """A sound event detection model: scores per time step besides the clip's."""
+        return self.frames_per_segment is not None
+
+    @property
+    def segments(self) -> int | None:
+        """Segmentwise steps per window (CNN14 DecisionLevel: 1001 // 32 = 31)."""
+        return None if self.frames_per_segment is None else self.frames // self.frames_per_segment
+
+    @property
+    def frame_hop_s(self) -> float:
+        """Seconds between log-mel frames, the resolution of framewise scores (10 ms for the CNN14 family)."""
+        return self.front_end.hop / self.front_end.sample_rate
+
+    @property
+    def segmentwise_shape(self) -> tuple[int, int, int] | None:
+        return None if self.segments is None else (1, self.segments, self.num_classes)
+
+    @property
     def embedding_shape(self) -> tuple[int, int] | None:
         return None if self.embedding_size is None else (1, self.embedding_size)
 
     def output_roles(self, shapes: list[tuple[int, ...]], name: str) -> tuple[int, int | None]:
-        """Positions of (probabilities, embedding) among a file's output shapes; ModelError when they
-        are not what this spec says."""
+        """Positions of (probabilities, second output) among a file's output shapes: the second is the
+        embedding (optional) or, for a sound event detection model, the segmentwise scores (required).
+        ModelError when they are not what this spec says."""
+        if self.framewise:
+            want = [self.output_shape, self.segmentwise_shape]
+            if len(shapes) == 2 and sorted(shapes) == sorted(want):
+                return shapes.index(self.output_shape), shapes.index(self.segmentwise_shape)
+            raise ModelError(f"outputs are {', '.join(str(list(s)) for s in shapes)}, but its spec ({self.describe()}) "
+                             f"says {' and '.join(str(list(s)) for s in want)}", name)
         want = [self.output_shape] + ([self.embedding_shape] if self.embedding_shape else [])
         if len(shapes) == 1 and shapes[0] == self.output_shape:
             return 0, None  # a model without its embedding output (fp16, waveform): the spec allows it
@@ -150,6 +184,8 @@ class ModelSpec:
         """One line: 'Cnn14_16k, log-mel 16000 Hz / ..., 10 s windows, 527 classes'."""
         kind = "log-mel" if self.input == "logmel" else "waveform (log-mel in the graph)"
         emb = f", embedding {self.embedding_size}" if self.embedding_size else ""
+        if self.framewise:
+            emb += f", framewise ({self.segments} steps of {self.frames_per_segment} frames)"
         return (f"{self.architecture}, {kind} {self.front_end.describe()}, {self.window_s:g} s windows, "
                 f"{self.num_classes} classes{emb}")
 
@@ -158,7 +194,8 @@ class ModelSpec:
         return {"architecture": self.architecture, "input": self.input, "front_end": asdict(self.front_end),
                 "sample_rate": self.sample_rate, "window_samples": self.window_samples, "window_s": self.window_s,
                 "frames": self.frames, "classes": self.num_classes, "embedding_size": self.embedding_size,
-                "checkpoint_md5": self.checkpoint_md5, "precision": self.precision, "spec_from": self.source}
+                "checkpoint_md5": self.checkpoint_md5, "precision": self.precision, "spec_from": self.source,
+                "frames_per_segment": self.frames_per_segment, "frame_hop_s": self.frame_hop_s}
 
     # --- serialisation ----------------------------------------------------------------------
     def to_json(self) -> str:
@@ -184,7 +221,8 @@ class ModelSpec:
                 labs = audioset_labels()  # the shared table: identity checks and caches stay cheap
             return cls(architecture=str(d["architecture"]), front_end=fe, input=d["input"],
                        window_samples=d["window_samples"], labels=labs, embedding_size=d.get("embedding_size"),
-                       checkpoint_md5=d.get("checkpoint_md5"), precision=d.get("precision"))
+                       checkpoint_md5=d.get("checkpoint_md5"), precision=d.get("precision"),
+                       frames_per_segment=d.get("frames_per_segment"))
         except (ValueError, TypeError, KeyError) as exc:
             raise ModelError(f"its model spec cannot be read ({' '.join(str(exc).split())})", name) from None
 

@@ -4,7 +4,15 @@ Input: log-mel [B, 1, frames, 64] (the host front end's output). Output: sigmoid
 [B, 527]. Same computation as upstream ``Cnn14.forward`` in eval mode after its front end:
 bn0 over the mel bins, six conv blocks (2x2 average pooling after blocks 1-5, none after 6),
 mean over mel, max + mean over time, fc1 + ReLU (the 2048-d embedding), fc_audioset + sigmoid.
-No extra smoothing over time (that belongs to the DecisionLevel variants).
+No extra smoothing over time (that belongs to the DecisionLevel variants below).
+
+The DecisionLevel variants (upstream ``Cnn14_DecisionLevelMax`` / ``_Att``, the PANNs sound event
+detection models) share the conv blocks and fc1 and end in a decision per time step: mean over mel,
+max_pool1d + avg_pool1d (kernel 3, stride 1, padding 1, the average counting the padding) over time,
+fc1 + ReLU per step, then sigmoid(fc_audioset) per step with the clip score their max over time (Max),
+or AttBlock's sigmoid classifier per step weighted by a softmax attention over time (Att). Their
+outputs: clipwise [B, 527] and segmentwise [B, frames // 32, 527]; upstream's framewise output is each
+step repeated 32 times and padded with the last to the input's frames (``soundtag.sed.framewise``).
 """
 
 from __future__ import annotations
@@ -56,11 +64,17 @@ class Cnn14Body(nn.Module):
     def blocks(self) -> list[ConvBlock]:
         return [getattr(self, f"conv_block{i + 1}") for i in range(6)]
 
-    def embed(self, logmel: torch.Tensor) -> torch.Tensor:
+    FRAMES_PER_SEGMENT: int | None = None  # DecisionLevel variants: log-mel frames per segmentwise step
+
+    def features(self, logmel: torch.Tensor) -> torch.Tensor:
+        """bn0 and the six conv blocks: [B, 2048, frames // 32, mels // 32]."""
         x = self.bn0(logmel.transpose(1, 3)).transpose(1, 3)  # BN over the mel axis
         for block, pool in zip(self.blocks(), self.POOLS):
             x = block(x, pool)
-        x = x.mean(dim=3)  # over mel
+        return x
+
+    def embed(self, logmel: torch.Tensor) -> torch.Tensor:
+        x = self.features(logmel).mean(dim=3)  # over mel
         x = x.max(dim=2).values + x.mean(dim=2)  # over time
         return F.relu(self.fc1(x))
 
@@ -69,6 +83,64 @@ class Cnn14Body(nn.Module):
 
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
         return self.classify(self.embed(logmel))
+
+
+class AttBlock(nn.Module):
+    """Upstream's AttBlock with activation="sigmoid" (its bn_att is in the checkpoint, unused by forward)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.att = nn.Conv1d(n_in, n_out, 1)
+        self.cla = nn.Conv1d(n_in, n_out, 1)
+        self.bn_att = nn.BatchNorm1d(n_out)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, n_in, steps] -> (clipwise [B, n_out], segmentwise [B, n_out, steps])."""
+        att = torch.softmax(torch.clamp(self.att(x), -10.0, 10.0), dim=-1)
+        cla = torch.sigmoid(self.cla(x))
+        return torch.sum(att * cla, dim=2), cla
+
+
+def decision_level(x: torch.Tensor, fc1: nn.Linear, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DecisionLevel tail on the conv blocks' output x [B, C, steps, F]: (clipwise [B, classes],
+    segmentwise [B, steps, classes]). ``head``: fc_audioset (max over steps) or an AttBlock."""
+    x = x.mean(dim=3)
+    x = F.max_pool1d(x, kernel_size=3, stride=1, padding=1) + F.avg_pool1d(x, kernel_size=3, stride=1, padding=1)
+    x = F.relu(fc1(x.transpose(1, 2)))  # [B, steps, 2048]
+    if isinstance(head, AttBlock):
+        clip, seg = head(x.transpose(1, 2))
+        return clip, seg.transpose(1, 2)
+    seg = torch.sigmoid(head(x))
+    return seg.amax(dim=1), seg
+
+
+class Cnn14DecisionLevelMaxBody(Cnn14Body):
+    """Upstream Cnn14_DecisionLevelMax without its front end: (clipwise, segmentwise) per log-mel."""
+
+    FRAMES_PER_SEGMENT = 32  # upstream's interpolate_ratio: five 2x poolings over time
+    EMBEDDING_DIM = None  # no clip embedding: fc1 runs per time step
+
+    def head(self) -> nn.Module:
+        return self.fc_audioset
+
+    def decide(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return decision_level(x, self.fc1, self.head())
+
+    def forward(self, logmel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decide(self.features(logmel))
+
+
+class Cnn14DecisionLevelAttBody(Cnn14DecisionLevelMaxBody):
+    """Upstream Cnn14_DecisionLevelAtt without its front end (attention pooling over time)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__(num_classes)
+        del self.fc_audioset
+        self.att_block = AttBlock(EMBEDDING_DIM, num_classes)
+        self.eval()
+
+    def head(self) -> nn.Module:
+        return self.att_block
 
 
 def load_body(path: str | Path) -> Cnn14Body:

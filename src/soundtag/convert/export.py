@@ -36,7 +36,7 @@ from ..errors import ValidationError
 from ..files import atomic_write_bytes, file_digest
 from ..model import GPU_CHECKS
 from ..spec import CNN14, CNN14_FRONT_END, FrontEnd, ModelSpec, embed_spec
-from .cnn14 import Cnn14Body
+from .cnn14 import Cnn14Body, decision_level
 from .family import ARCHITECTURES, Architecture, load
 from .frontend import LogmelFrontEnd
 from .winograd import WidthTwoConv3x3, WinogradConv3x3
@@ -117,7 +117,13 @@ class _ExportBody(nn.Module):
             h, w = h // pool, w // pool
         self.pools = Cnn14Body.POOLS
         self.fc1 = (const(body.fc1.weight), const(body.fc1.bias))
-        self.fc2 = (const(body.fc_audioset.weight), const(body.fc_audioset.bias))
+        if body.FRAMES_PER_SEGMENT is not None:  # a DecisionLevel (SED) body: its own tail, as its module
+            import copy
+
+            self.decision = nn.ModuleList([copy.deepcopy(body.fc1), copy.deepcopy(body.head())]).eval()
+        else:
+            self.decision = None
+            self.fc2 = (const(body.fc_audioset.weight), const(body.fc_audioset.bias))
         self.keepalive = keep  # litert-torch #1061: no constant may be freed during conversion
         self.embedding = embedding
 
@@ -128,6 +134,8 @@ class _ExportBody(nn.Module):
                 x = conv(x)
             if pool > 1 and not self.pools_in_tiles(i):
                 x = F.avg_pool2d(x, pool)
+        if self.decision is not None:
+            return decision_level(x, self.decision[0], self.decision[1])  # (clipwise, segmentwise)
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)
         emb = F.relu(F.linear(x, *self.fc1))
@@ -263,13 +271,17 @@ def _asset_path(name: str) -> Path:
 def reference_outputs(body: nn.Module, inputs: dict[str, np.ndarray], spec: ModelSpec = CNN14) -> ModelOutputs:
     """The PyTorch body's probabilities and embeddings per named input (a log-mel; for a body that
     takes the waveform and its log-mel, the waveform, whose host log-mel it gets beside it)."""
-    probs, embs = {}, {}
+    probs, embs, segs = {}, {}, {}
     with torch.inference_mode():
         for k, v in inputs.items():
+            if getattr(body, "FRAMES_PER_SEGMENT", None) is not None:  # SED: (clipwise, segmentwise)
+                clip, seg = body(*_body_inputs(body, v, spec))
+                probs[k], segs[k] = clip.double().numpy()[0], seg.double().numpy()[0]
+                continue
             emb = body.embed(*_body_inputs(body, v, spec))
             embs[k] = emb.double().numpy()[0]
             probs[k] = body.classify(emb).double().numpy()[0]
-    return ModelOutputs(probs, embs)
+    return ModelOutputs(probs, embs or None, segs or None)
 
 
 def _body_inputs(body: nn.Module, x: np.ndarray, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
@@ -556,7 +568,7 @@ def convert_checkpoint(
     precisions = tuple(precisions or a.precisions)
     md5 = file_digest(checkpoint, "md5")
     wave_in = a.inputs != ("logmel",)  # the body takes the waveform itself (Wavegram): every model is waveform-in
-    if waveform and (a.front_end != CNN14_FRONT_END or a.layout != "cnn14"):
+    if waveform and (a.front_end != CNN14_FRONT_END or a.layout != "cnn14" or a.frames_per_segment):
         raise ValueError(f"--waveform builds the 32 kHz CNN14 front end into the graph; {a.name} "
                          f"({a.front_end.describe()}) has no waveform model yet")
     base = a.spec(None, md5, wave_in, embedding=True)
@@ -673,6 +685,13 @@ def _prove(file: str, precision: str, form: str, data: bytes, out: ModelOutputs,
         "graph": dataclasses.asdict(graph),
         "passed": parity.passed and graph.passed,
     }
+    if reference.segmentwise:  # SED: the framewise scores (upstream's framewise_output) over all frames
+        frame_gate = {"min_corr": gate["framewise_min_corr"], "max_abs_diff": gate["framewise_max_abs_diff"]}
+        fw = compare(precision, _framewise(reference.segmentwise), _framewise(out.segmentwise or {}), frame_gate)
+        entry["outputs"].append(f"segmentwise [1, {len(next(iter(reference.segmentwise.values())))}, "
+                                f"{len(next(iter(out.probs.values())))}]")
+        entry["framewise_parity_vs_pytorch"] = dataclasses.asdict(fw)
+        entry["passed"] = entry["passed"] and fw.passed
     if out.embeddings:
         emb_gate = {"min_corr": gate["embedding_min_corr"], "max_abs_diff": None}
         emb = compare(precision, reference.embeddings, out.embeddings, emb_gate)
@@ -687,6 +706,15 @@ def _prove(file: str, precision: str, form: str, data: bytes, out: ModelOutputs,
     log.info("%s: corr %.7f max|dp| %.2e graph %s gpu %s", file, parity.min_corr, parity.max_abs_diff, graph.passed,
              entry.get("gpu", {}).get("passed"))
     return entry
+
+
+def _framewise(segmentwise: dict) -> dict:
+    """{input: framewise [frames, classes]} of {input: segmentwise [steps, classes]} (sed.framewise:
+    upstream's interpolate + pad_framewise_output); a missing output is all NaN (fails its gate)."""
+    from ..sed import framewise
+
+    frames = CNN14.frames
+    return {k: framewise(np.asarray(v, np.float64), frames // len(v), frames) for k, v in segmentwise.items()}
 
 
 def _no_gpu_but_required(entry: dict) -> bool:

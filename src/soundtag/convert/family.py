@@ -56,8 +56,15 @@ class Architecture:
         return tuple(getattr(self.body_class(), "INPUTS", ("logmel",)))
 
     @property
-    def embedding_size(self) -> int:
-        return int(self.body_class().EMBEDDING_DIM)
+    def embedding_size(self) -> int | None:
+        """The clip embedding's size; None for the DecisionLevel (SED) models, which have none."""
+        dim = self.body_class().EMBEDDING_DIM
+        return None if dim is None else int(dim)
+
+    @property
+    def frames_per_segment(self) -> int | None:
+        """Log-mel frames per segmentwise step of a sound event detection model; None for a clip model."""
+        return getattr(self.body_class(), "FRAMES_PER_SEGMENT", None)
 
     def file(self, precision: str, waveform: bool = False) -> str:
         """`cnn14_audioset_fp32.tflite`, `cnn14_16k_audioset_fp16.tflite`, ..._waveform_... for waveform-in models."""
@@ -68,7 +75,7 @@ class Architecture:
         return ModelSpec(architecture=self.name, front_end=self.front_end,
                          input="waveform" if waveform or self.inputs != ("logmel",) else "logmel",
                          window_samples=int(round(window)), embedding_size=self.embedding_size if embedding else None,
-                         checkpoint_md5=md5, precision=precision)
+                         checkpoint_md5=md5, precision=precision, frames_per_segment=self.frames_per_segment)
 
     def body_signature(self) -> dict[str, tuple[int, ...]]:
         return _signature(self.body)
@@ -78,6 +85,11 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("Cnn14", "cnn14:Cnn14Body", CNN14_FRONT_END, 0.431, upstream_file="Cnn14_mAP=0.431.pth"),
     Architecture("Cnn14_16k", "cnn14:Cnn14Body", FRONT_END_16K, 0.438, upstream_file="Cnn14_16k_mAP=0.438.pth"),
     Architecture("Cnn14_8k", "cnn14:Cnn14Body", FRONT_END_8K, 0.416, upstream_file="Cnn14_8k_mAP=0.416.pth"),
+    # the sound event detection models: Cnn14's keys (Max) or Cnn14's with an AttBlock for fc_audioset (Att)
+    Architecture("Cnn14_DecisionLevelMax", "cnn14:Cnn14DecisionLevelMaxBody", CNN14_FRONT_END, 0.385,
+                 upstream_file="Cnn14_DecisionLevelMax_mAP=0.385.pth"),
+    Architecture("Cnn14_DecisionLevelAtt", "cnn14:Cnn14DecisionLevelAttBody", CNN14_FRONT_END, 0.425,
+                 upstream_file="Cnn14_DecisionLevelAtt_mAP=0.425.pth"),
     Architecture("Cnn10", "cnns:Cnn10Body", CNN14_FRONT_END, 0.380, "plain", "Cnn10_mAP=0.380.pth"),
     Architecture("Cnn6", "cnns:Cnn6Body", CNN14_FRONT_END, 0.343, "plain", "Cnn6_mAP=0.343.pth"),
     Architecture("MobileNetV1", "mobilenet:MobileNetV1Body", CNN14_FRONT_END, 0.389, "plain", "MobileNetV1_mAP=0.389.pth",

@@ -127,6 +127,8 @@ def synthetic_family_body(arch: Architecture, seed: int = 0) -> torch.nn.Module:
     around LOGIT_BIAS_MEAN on the calibration clips)."""
     if arch.body == "cnn14:Cnn14Body":
         return synthetic_body(seed, arch.front_end)
+    if arch.frames_per_segment is not None:
+        return _synthetic_decision_body(arch, seed)
     torch.manual_seed(seed)
     body = arch.body_class()()
     for m in body.modules():
@@ -143,6 +145,40 @@ def synthetic_family_body(arch: Architecture, seed: int = 0) -> torch.nn.Module:
     body.fc_audioset.weight.copy_(w * (LOGIT_SPREAD / (emb @ w.T).std().clamp_min(1e-6)))
     bias = LOGIT_BIAS_MEAN + torch.randn(body.fc_audioset.bias.shape)
     body.fc_audioset.bias.copy_(bias - emb.mean(dim=0) @ body.fc_audioset.weight.T)
+    return body.eval()
+
+
+def _scaled_head(weight: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> None:
+    """Set a linear head (weight [classes, dim(, 1)], bias [classes]) so that its logits on the rows of
+    ``h`` [n, dim] spread LOGIT_SPREAD around LOGIT_BIAS_MEAN, as synthetic_body's fc_audioset."""
+    w = torch.randn(weight.shape[0], weight.shape[1])
+    w = w * (LOGIT_SPREAD / (h @ w.T).std().clamp_min(1e-6))
+    weight.copy_(w.reshape(weight.shape))
+    bias.copy_(LOGIT_BIAS_MEAN + torch.randn(bias.shape) - h.mean(dim=0) @ w.T)
+
+
+@torch.inference_mode()
+def _synthetic_decision_body(arch: Architecture, seed: int) -> torch.nn.Module:
+    """A DecisionLevel (SED) body: synthetic_body's conv blocks and fc1, its head scaled on the per-step
+    features of the calibration clips (Att: the classifier so, the attention logits ~N(0, 1))."""
+    base = synthetic_body(seed, arch.front_end)
+    body = arch.body_class()()
+    keep = body.state_dict()
+    body.load_state_dict({**keep, **{k: v for k, v in base.state_dict().items() if k in keep}})
+    fe = arch.front_end
+    x = torch.from_numpy(np.stack([features.logmel(w, fe) for w in calibration_waves(seed, fe=fe)])[:, None])
+    x = body.features(x).mean(dim=3)
+    x = F.max_pool1d(x, 3, 1, 1) + F.avg_pool1d(x, 3, 1, 1)
+    h = F.relu(body.fc1(x.transpose(1, 2))).reshape(-1, body.fc1.out_features)  # [clips x steps, 2048]
+    head = body.head()
+    if isinstance(head, torch.nn.Linear):
+        _scaled_head(head.weight, head.bias, h)
+    else:  # AttBlock
+        _scaled_head(head.cla.weight, head.cla.bias, h)
+        w = torch.randn(head.att.weight.shape[:2])
+        head.att.weight.copy_((w / (h @ w.T).std().clamp_min(1e-6)).reshape(head.att.weight.shape))
+        head.att.bias.zero_()
+        head.bn_att.num_batches_tracked.fill_(CALIBRATED_BATCHES)
     return body.eval()
 
 

@@ -19,10 +19,14 @@ from ..model import Model
 # Parity gates (issue #2): probabilities of the LiteRT model vs the PyTorch body on every input.
 # The embedding (fc1 + ReLU, 2048-d) of the models that carry it is held to its own corr gate.
 GATES = {
-    "fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4, "embedding_min_corr": 0.99999},
-    "fp16": {"min_corr": 0.9999, "max_abs_diff": None},
-    "int8": {"min_corr": 0.998, "max_abs_diff": None, "embedding_min_corr": 0.99},  # a CPU speed variant (0.99911)
+    "fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4, "embedding_min_corr": 0.99999,
+             "framewise_min_corr": 0.99999, "framewise_max_abs_diff": 1e-4},
+    "fp16": {"min_corr": 0.9999, "max_abs_diff": None, "framewise_min_corr": 0.9999, "framewise_max_abs_diff": None},
+    "int8": {"min_corr": 0.998, "max_abs_diff": None, "embedding_min_corr": 0.99,  # a CPU speed variant (0.99911)
+             "framewise_min_corr": 0.998, "framewise_max_abs_diff": None},
 }
+# The framewise gates hold a sound event detection model's framewise scores (its segmentwise output
+# repeated to frames, sed.framewise) over every frame of every input, as the clip scores are held.
 
 # GPU parity gates (issue #8): the model on LiteRT's GPU accelerator vs the same model on the CPU, per
 # GPU arithmetic mode (``None``: measured and reported, not gated). The fp32 model favours CPU speed
@@ -174,22 +178,26 @@ def inspect_graph(model_bytes: bytes) -> GraphReport:
 class ModelOutputs:
     probs: dict  # name -> [527]
     embeddings: dict | None  # name -> [2048], None for a model without the embedding output
+    segmentwise: dict | None = None  # name -> [steps, classes] of a sound event detection model
 
 
 def run_tflite(model_bytes: bytes, inputs: dict, num_threads: int = 2) -> ModelOutputs:
     """Run a .tflite (bytes) on each named input [1,1,1001,64] through the tagger's own model wrapper:
     probabilities [527] (NaN where they are not valid probabilities) and embeddings [2048] per name."""
     model = Model.from_bytes(model_bytes, num_threads=num_threads, name="<converted model>")
-    probs, embs = {}, {}
+    probs, embs, segs = {}, {}, {}
+    spec = model.spec
     for name, x in inputs.items():
         try:
             p, e = model.run(x)
         except InferenceError:
-            p, e = np.full(model.spec.num_classes, np.nan), None
+            p, e = np.full(spec.num_classes, np.nan), None
         probs[name] = p.astype(np.float64)
-        if model.has_embedding:
-            embs[name] = np.full(model.spec.embedding_size, np.nan) if e is None else e.astype(np.float64)
-    return ModelOutputs(probs, embs if model.has_embedding else None)
+        if spec.framewise:
+            segs[name] = np.full(spec.segmentwise_shape[1:], np.nan) if e is None else e.astype(np.float64)
+        elif model.has_embedding:
+            embs[name] = np.full(spec.embedding_size, np.nan) if e is None else e.astype(np.float64)
+    return ModelOutputs(probs, embs if model.has_embedding else None, segs if spec.framewise else None)
 
 
 def gpu_parity(gates: dict, model_bytes: bytes, inputs: dict, cpu: ModelOutputs) -> dict:

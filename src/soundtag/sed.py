@@ -1,0 +1,164 @@
+"""Sound event detection in numpy: framewise scores from a DecisionLevel model's segmentwise output,
+one timeline over a file's windows, and events at frame resolution (issue #20).
+
+    segmentwise [steps, classes] per window --framewise--> [frames, classes] per window
+        --timeline--> [file frames, classes] --median filter, hysteresis, gaps, minimum length--> events
+
+- ``framewise`` is upstream's ``interpolate`` + ``pad_framewise_output`` (pytorch_utils.py): each of
+  the 31 steps repeated 32 times (992 frames), padded with the last to the window's 1001 frames.
+- ``timeline``: a frame seen by several windows (a hop under the window) takes the score of the window
+  whose centre is nearest, where the model saw the most context on both sides; with the default hop
+  (one window) the windows abut and each frame has one window. A frame is ``j * frame_hop_s`` into
+  the file; an end-aligned last window (windows.py) starts off the frame grid and is placed at the
+  nearest frame (at most half a frame, 5 ms, off).
+- ``detect``: per class, an optional median filter over time (scipy.ndimage), then hysteresis: an
+  event opens where the score reaches its class's on-threshold and lasts while it stays at or above
+  the off-threshold; events closer than ``max_gap_s`` merge, and events shorter than
+  ``min_duration_s`` are dropped. Onset = first frame's time, offset = (last frame + 1) * frame hop,
+  clipped to the file's duration.
+
+Floor 2: numpy and scipy only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import OptionsError
+
+# Post-processing defaults for the CNN14 DecisionLevel models. Their scores are constant over each
+# 320 ms step, so a median filter shorter than a step changes nothing (default off); an off-threshold
+# of half the on-threshold keeps an event through a step that dips (hysteresis); a one-step gap merges.
+DEFAULT_OFF_RATIO = 0.5  # off-threshold = this x the class's on-threshold (the event threshold)
+DEFAULT_MEDIAN_S = 0.0  # s; median filter length over time, 0: none
+DEFAULT_MIN_DURATION_S = 0.0  # s; shorter events are dropped
+DEFAULT_MAX_GAP_S = 0.32  # s; events of a class at most this far apart merge (one 320 ms step)
+MAX_POST_S = 3600.0  # s; longer filter / gap / minimum settings are refused as mistakes
+
+
+def framewise(segmentwise: np.ndarray, frames_per_segment: int, frames: int) -> np.ndarray:
+    """[steps, classes] -> [frames, classes]: each step repeated ``frames_per_segment`` times, then
+    padded with the last row (or cut) to ``frames``."""
+    seg = np.asarray(segmentwise)
+    out = np.repeat(seg, frames_per_segment, axis=0)
+    if out.shape[0] >= frames:
+        return out[:frames]
+    return np.concatenate([out, np.repeat(out[-1:], frames - out.shape[0], axis=0)])
+
+
+def file_frames(samples: int, hop: int) -> int:
+    """Frames of a file of ``samples`` samples at the model's rate (center=True framing, as one window's)."""
+    return 1 + max(0, samples) // hop
+
+
+def timeline(segmentwise: np.ndarray, starts: np.ndarray, frames_per_segment: int, frames: int, hop: int,
+             total_frames: int, classes: np.ndarray | None = None) -> np.ndarray:
+    """One [total_frames, classes] framewise timeline of a file from its windows' segmentwise scores
+    [windows, steps, classes] (windows of ``frames`` frames starting at sample ``starts``, frame hop
+    ``hop`` samples): each frame from the window whose centre is nearest (ties: the earlier), the
+    value ``framewise`` gives that window's frame. ``classes``: indices of the columns wanted (None:
+    all), so a 24 h file's events need only its active classes' columns, not a [8.6 M, 527] array."""
+    seg = np.asarray(segmentwise)
+    n_win, steps = seg.shape[:2]
+    offsets = np.rint(np.asarray(starts, np.float64) / hop).astype(np.int64)
+    t = np.arange(total_frames)
+    if n_win > 1:
+        centres = offsets + (frames - 1) / 2.0
+        owner = np.searchsorted((centres[:-1] + centres[1:]) / 2.0, t, side="left")
+    else:
+        owner = np.zeros(total_frames, np.int64)
+    step = np.minimum(np.clip(t - offsets[owner], 0, frames - 1) // frames_per_segment, steps - 1)
+    return seg[owner, step] if classes is None else seg[owner[:, None], step[:, None], np.asarray(classes)[None, :]]
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """How framewise scores become events. Thresholds per class come from the Scorer (its event
+    thresholds: --threshold / --thresholds, default 0.5); ``off_ratio`` sets each class's
+    off-threshold as a fraction of it (1.0: no hysteresis)."""
+
+    off_ratio: float = DEFAULT_OFF_RATIO
+    median_s: float = DEFAULT_MEDIAN_S
+    min_duration_s: float = DEFAULT_MIN_DURATION_S
+    max_gap_s: float = DEFAULT_MAX_GAP_S
+
+    def __post_init__(self) -> None:
+        checks = (("off_ratio", self.off_ratio, 0.0, 1.0), ("median_s", self.median_s, 0.0, MAX_POST_S),
+                  ("min_duration_s", self.min_duration_s, 0.0, MAX_POST_S), ("max_gap_s", self.max_gap_s, 0.0, MAX_POST_S))
+        for name, value, lo, hi in checks:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not lo <= value <= hi:
+                raise OptionsError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+
+    def median_frames(self, frame_hop_s: float) -> int:
+        """The median filter's length in frames (odd; 1: none)."""
+        n = int(round(self.median_s / frame_hop_s))
+        return n + 1 if n % 2 == 0 else n
+
+
+def detect(scores: np.ndarray, frame_hop_s: float, on: np.ndarray, post: PostProcessing = PostProcessing(),
+           classes: np.ndarray | None = None, duration_s: float | None = None
+           ) -> list[tuple[int, float, float, float]]:
+    """Events (class, onset_s, offset_s, peak score) of framewise ``scores`` [frames, classes] under
+    per-class on-thresholds ``on`` [classes] (classes with ``on`` = -inf or above 1 never fire);
+    ``classes``: a boolean mask of the classes to look at. Sorted by onset, then class."""
+    scores = np.asarray(scores, np.float32)
+    n_frames = scores.shape[0]
+    if n_frames == 0:
+        return []
+    look = np.ones(scores.shape[1], bool) if classes is None else np.asarray(classes, bool)
+    on = np.asarray(on, np.float64)
+    look &= np.isfinite(on) & (on <= 1.0)
+    if not look.any():
+        return []
+    m = post.median_frames(frame_hop_s)
+    cols = np.flatnonzero(look & (scores.max(axis=0) >= np.where(np.isfinite(on), on, np.inf)))
+    if m > 1 and cols.size:
+        from scipy.ndimage import median_filter
+
+        filtered = median_filter(scores[:, cols], size=(m, 1), mode="nearest")
+    else:
+        filtered = scores[:, cols]
+    gap = int(round(post.max_gap_s / frame_hop_s))
+    shortest = post.min_duration_s
+    end_s = n_frames * frame_hop_s if duration_s is None else float(duration_s)
+    out = []
+    for k, c in enumerate(cols):
+        x = filtered[:, k]
+        hi, lo = float(on[c]), float(on[c]) * post.off_ratio
+        for a, b in _merge(_hysteresis(x >= hi, x >= lo), gap):
+            onset, offset = a * frame_hop_s, min(b * frame_hop_s, end_s)
+            if offset - onset + 1e-9 < shortest or offset <= onset:
+                continue
+            out.append((int(c), round(onset, 6), round(offset, 6), float(x[a:b].max())))
+    out.sort(key=lambda e: (e[1], e[0]))
+    return out
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of True."""
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
+
+
+def _hysteresis(high: np.ndarray, low: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of ``low`` that contain at least one ``high`` frame."""
+    hits = np.flatnonzero(high)
+    out = []
+    for a, b in _runs(low | high):
+        if hits.size and np.searchsorted(hits, a) < np.searchsorted(hits, b):
+            out.append((a, b))
+    return out
+
+
+def _merge(runs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        if out and a - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out

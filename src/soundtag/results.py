@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .sed import FrameTimeline
+
 SCORE_DIGITS = 6  # decimals of a score in a record
 
 
@@ -32,14 +34,15 @@ class WindowResult:
 
 @dataclass(frozen=True)
 class Event:
-    """A class above its threshold over consecutive windows."""
+    """A class above its threshold over consecutive windows or, for a sound event detection model,
+    over consecutive frames (sed.detect: hysteresis, gaps, minimum length)."""
 
     start_s: float
     end_s: float
     index: int
     mid: str
     name: str
-    score: float  # the highest window score within the event
+    score: float  # the highest window (SED: frame) score within the event
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,18 @@ class TagResult:
     window_starts_s: np.ndarray = field(repr=False, compare=False)  # [windows]
     clip_embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # [embedding size] (CNN14: 2048), when asked
     window_embeddings: np.ndarray | None = field(default=None, repr=False, compare=False)  # [windows, embedding size]
+    timeline: FrameTimeline | None = field(default=None, repr=False, compare=False)  # SED models: framewise scores
+
+    @property
+    def framewise(self) -> np.ndarray | None:
+        """Framewise scores float32 [frames, classes] over the whole input (SED models; None otherwise),
+        frame j at j * frame_hop_s; built on each call from ``timeline`` (24 h is 8.6 M frames: ask
+        ``timeline.scores(classes)`` for the columns you need)."""
+        return None if self.timeline is None else self.timeline.scores()
+
+    @property
+    def frame_hop_s(self) -> float | None:
+        return None if self.timeline is None else self.timeline.frame_hop_s
 
     def to_record(self, scores: bool = False) -> dict:
         """The JSON object of this tagged input; ``"embedding"`` when embeddings were asked for; with
@@ -70,10 +85,16 @@ class TagResult:
         }
         if self.clip_embedding is not None:
             rec["embedding"] = [float(v) for v in self.clip_embedding]
+        if self.timeline is not None:
+            rec["frame_hop_s"] = self.timeline.frame_hop_s
         if scores:
             rec["clip_scores"] = [float(v) for v in self.clip_scores]
             for w, row in zip(rec["windows"], self.window_scores):
                 w["scores"] = [float(v) for v in row]
+            if self.timeline is not None:  # SED: each window's segmentwise scores, steps of segment_s from its start
+                rec["segment_s"] = round(self.timeline.segment_s, 6)
+                for w, seg in zip(rec["windows"], self.timeline.segmentwise):
+                    w["segmentwise"] = [[float(v) for v in step] for step in seg]
         return rec
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from .errors import OptionsError
 from .labels import Label, labels as audioset_labels, lookup
 from .results import Category, Event
+from .sed import FrameTimeline, PostProcessing, detect
 
 DEFAULT_EVENT_THRESHOLD = 0.5  # probability above which a class counts as present in a window
 AGGREGATES = ("max", "mean")
@@ -85,6 +86,20 @@ class Scorer:
                 score = float(probs[i : j + 1, c].max())
                 out.append(Event(float(starts_s[i]), float(ends_s[j]), int(c), labs[c].mid, labs[c].name, score))
                 i = j + 1
+        return tuple(sorted(out, key=lambda e: (e.start_s, -e.score)))
+
+    def frame_events(self, timeline: FrameTimeline, post: PostProcessing, duration_s: float) -> tuple[Event, ...]:
+        """Events at frame resolution from a SED model's framewise scores (sed.detect), for the allowed
+        classes whose peak reaches their event threshold; only those classes' columns are built."""
+        peak = timeline.segmentwise.max(axis=(0, 1))
+        active = np.flatnonzero(self.mask & (peak >= self.event_cutoffs))
+        if active.size == 0:
+            return ()
+        labs = self.labels
+        found = detect(timeline.scores(active), timeline.frame_hop_s, self.event_cutoffs[active], post,
+                       duration_s=duration_s)
+        out = [Event(on, off, int(active[k]), labs[active[k]].mid, labs[active[k]].name, peak_score)
+               for k, on, off, peak_score in found]
         return tuple(sorted(out, key=lambda e: (e.start_s, -e.score)))
 
 

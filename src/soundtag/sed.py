@@ -17,7 +17,7 @@ one timeline over a file's windows, and events at frame resolution (issue #20).
   ``min_duration_s`` are dropped. Onset = first frame's time, offset = (last frame + 1) * frame hop,
   clipped to the file's duration.
 
-Floor 2: numpy and scipy only.
+Floor 1: numpy and scipy only.
 """
 
 from __future__ import annotations
@@ -72,6 +72,34 @@ def timeline(segmentwise: np.ndarray, starts: np.ndarray, frames_per_segment: in
         owner = np.zeros(total_frames, np.int64)
     step = np.minimum(np.clip(t - offsets[owner], 0, frames - 1) // frames_per_segment, steps - 1)
     return seg[owner, step] if classes is None else seg[owner[:, None], step[:, None], np.asarray(classes)[None, :]]
+
+
+@dataclass(frozen=True)
+class FrameTimeline:
+    """A file's framewise scores, kept at the model's own resolution: each window's segmentwise scores
+    and where the window starts. ``scores()`` gives the [frames, classes] timeline (``timeline``)."""
+
+    segmentwise: np.ndarray  # [windows, steps, classes] float32
+    starts: np.ndarray  # [windows] start samples at the model's rate
+    frames_per_segment: int  # log-mel frames per step (32)
+    window_frames: int  # log-mel frames per window (1001)
+    hop: int  # samples per frame (320)
+    sample_rate: int  # the model's (32000)
+    total_frames: int  # frames of the whole file
+
+    @property
+    def frame_hop_s(self) -> float:
+        return self.hop / self.sample_rate
+
+    @property
+    def segment_s(self) -> float:
+        """Seconds per segmentwise step (0.32 for the CNN14 DecisionLevel models)."""
+        return self.frames_per_segment * self.frame_hop_s
+
+    def scores(self, classes: np.ndarray | None = None) -> np.ndarray:
+        """[total_frames, classes] (or the columns ``classes``), frame j at j * frame_hop_s."""
+        return timeline(self.segmentwise, self.starts, self.frames_per_segment, self.window_frames, self.hop,
+                        self.total_frames, classes)
 
 
 @dataclass(frozen=True)

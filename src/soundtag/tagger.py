@@ -25,6 +25,7 @@ from .model import ACCELERATORS, GPU_PRECISIONS, Model
 from .paths import resolve_model_path
 from .results import TagResult, WindowResult
 from .scoring import Scorer
+from .sed import FrameTimeline, PostProcessing, file_frames
 from .spec import DEFAULT_WINDOW_S
 from .windows import iter_windows, prefetch
 
@@ -54,6 +55,7 @@ class TaggerOptions:
     embeddings: bool = False  # also the embedding (CNN14: 2048-d) per window and per clip (fp32/int8 models)
     accelerator: str = "cpu"  # "cpu", "gpu" (LiteRT's GPU accelerator, proven by a probe) or "auto"
     gpu_precision: str | None = None  # GPU arithmetic "fp16" or "fp32"; None: fp16 for the fp16 log-mel model, else fp32
+    sed: PostProcessing = PostProcessing()  # SED models: how framewise scores become events (sed.py)
 
     def __post_init__(self) -> None:
         try:
@@ -77,6 +79,8 @@ class TaggerOptions:
             raise OptionsError(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
         if self.gpu_precision not in (None, *GPU_PRECISIONS):
             raise OptionsError(f"gpu_precision must be one of {', '.join(GPU_PRECISIONS)}, got {self.gpu_precision!r}")
+        if not isinstance(self.sed, PostProcessing):
+            raise OptionsError(f"sed must be a soundtag.sed.PostProcessing, got {type(self.sed).__name__}")
         self.scorer()  # top_k, thresholds, aggregate, class names
 
     def scorer(self, labels: Sequence[Label] | None = None) -> Scorer:
@@ -130,9 +134,11 @@ class Tagger:
         self.scorer = self.options.scorer(self.spec.labels)
         self.hop = self.options.hop_samples(self.spec.sample_rate)
         if self.options.embeddings and not self.model.has_embedding:
-            raise ModelError("has no embedding output (the fp16 model keeps the model card's single-output "
-                             "signature); use the fp32 or int8 model of 'soundtag convert' for embeddings",
-                             str(self.model.path))
+            why = ("a sound event detection model has no clip embedding (its fc1 runs per time step); use a "
+                   "clip model (Cnn14) for embeddings") if self.spec.framewise else (
+                   "the fp16 model keeps the model card's single-output signature; use the fp32 or int8 "
+                   "model of 'soundtag convert' for embeddings")
+            raise ModelError(f"has no embedding output ({why})", str(self.model.path))
 
     @classmethod
     def from_model_path(cls, path: str | Path, **options) -> Tagger:
@@ -166,8 +172,10 @@ class Tagger:
             valid.append(n)
             probs.append(p)
             embs.append(e)
-        return _Windows(np.array(starts), np.array(valid), np.array(probs, dtype=np.float32).reshape(-1, self.spec.num_classes),
-                        np.array(embs, dtype=np.float32) if self.options.embeddings else None)
+        spec = self.spec
+        return _Windows(np.array(starts), np.array(valid), np.array(probs, dtype=np.float32).reshape(-1, spec.num_classes),
+                        np.array(embs, dtype=np.float32) if self.options.embeddings else None,
+                        np.array(embs, dtype=np.float32).reshape(-1, spec.segments, spec.num_classes) if spec.framewise else None)
 
     def tag_waveform(self, waveform: np.ndarray, sample_rate: int | None = None, path: str | None = None) -> TagResult:
         """Tag a mono (or [samples, channels]) float waveform at any sample rate (None: the model's,
@@ -267,17 +275,26 @@ class Tagger:
         probs = w.probs
         clip = self.scorer.aggregate_windows(probs)
         windows = tuple(WindowResult(float(s), float(e), self.select(p)) for s, e, p in zip(starts_s, ends_s, probs))
+        timeline = None
+        if w.segmentwise is not None:
+            fe = self.spec.front_end
+            timeline = FrameTimeline(w.segmentwise, w.starts, self.spec.frames_per_segment, self.spec.frames, fe.hop,
+                                     sr, file_frames(int((w.starts + w.valid).max()), fe.hop))
+            events = self.scorer.frame_events(timeline, self.options.sed, float(duration_s))
+        else:
+            events = self.events(starts_s, ends_s, probs)
         return TagResult(
             path=path,
             duration_s=float(duration_s),
             clip=self.select(clip),
             windows=windows,
-            events=self.events(starts_s, ends_s, probs),
+            events=events,
             clip_scores=clip,
             window_scores=probs,
             window_starts_s=starts_s,
             clip_embedding=None if w.embeddings is None else self.scorer.aggregate_windows(w.embeddings),
             window_embeddings=w.embeddings,
+            timeline=timeline,
         )
 
 
@@ -292,3 +309,4 @@ class _Windows:
     valid: np.ndarray  # [windows] real samples in each
     probs: np.ndarray  # [windows, classes]
     embeddings: np.ndarray | None  # [windows, embedding size] when asked
+    segmentwise: np.ndarray | None = None  # [windows, steps, classes] of a SED model

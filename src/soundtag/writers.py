@@ -1,4 +1,5 @@
-"""Output formats built from records (results.py): table, JSON, JSONL, CSV, Raven selection table;
+"""Output formats built from records (results.py): table, JSON, JSONL, CSV, Raven selection table,
+DCASE event table (tsv: filename, onset, offset, event_label, as sed_eval and sed_scores_eval read it);
 and ResultFile, the one durable combined result file (lock, .part, atomic move, resume).
 
 Text is UTF-8. A path that is not valid UTF-8 (a surrogate-escaped str, see results.py) is written as
@@ -21,8 +22,9 @@ from .results import is_record
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("table", "json", "jsonl", "csv")
-OUTPUT_KINDS = {".jsonl": "jsonl", ".csv": "csv", ".txt": "raven", ".parquet": "parquet"}  # --output FILE by extension
+FORMATS = ("table", "json", "jsonl", "csv", "dcase")
+OUTPUT_KINDS = {".jsonl": "jsonl", ".csv": "csv", ".txt": "raven", ".tsv": "dcase", ".parquet": "parquet"}  # --output FILE by extension
+DCASE_FIELDS = ("filename", "onset", "offset", "event_label")  # DCASE's strong-label / detection table
 PARQUET_ROW_GROUP = 256  # records per Parquet row group when the journal is turned into the file
 CSV_FIELDS = ("path", "duration_s", "rank", "index", "mid", "label", "score", "error")
 RAVEN_FIELDS = ("Selection", "View", "Channel", "Begin Time (s)", "End Time (s)", "Low Freq (Hz)",
@@ -106,6 +108,17 @@ def raven_rows(rec: dict, first_selection: int) -> str:
     return "".join(r + "\n" for r in rows)
 
 
+def dcase_header() -> str:
+    return "\t".join(DCASE_FIELDS) + "\n"
+
+
+def dcase_rows(rec: dict) -> str:
+    """DCASE detection rows (filename, onset, offset, event_label) for the events of one record (none for
+    errors); the filename is the input's path as given, cells escaped as Raven's."""
+    return "".join("\t".join((raven_cell(rec["path"]), f"{e['start_s']:.3f}", f"{e['end_s']:.3f}", raven_cell(e["label"])))
+                   + "\n" for e in rec.get("events", ()))
+
+
 def raven_cell(text: str) -> str:
     return "".join(RAVEN_ESCAPES.get(c, c) for c in text)
 
@@ -123,7 +136,8 @@ def raven_uncell(text: str) -> str:
     return "".join(out)
 
 
-RECORD_TEXT = {"table": table_text, "jsonl": jsonl_line, "csv": csv_rows}  # formats streamed record by record
+RECORD_TEXT = {"table": table_text, "jsonl": jsonl_line, "csv": csv_rows, "dcase": dcase_rows}  # streamed record by record
+HEADERS = {"csv": csv_header, "dcase": dcase_header}
 
 
 def format_records(records: list[dict], fmt: str) -> str:
@@ -132,7 +146,7 @@ def format_records(records: list[dict], fmt: str) -> str:
         return json_text(records, indent=2) + "\n"
     if fmt not in RECORD_TEXT:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    return (csv_header() if fmt == "csv" else "") + "".join(RECORD_TEXT[fmt](r) for r in records)
+    return (HEADERS[fmt]() if fmt in HEADERS else "") + "".join(RECORD_TEXT[fmt](r) for r in records)
 
 
 def parquet_schema():
@@ -141,12 +155,15 @@ def parquet_schema():
 
     f32 = pa.list_(pa.float32())
     tag = pa.struct([("index", pa.int32()), ("mid", pa.string()), ("label", pa.string()), ("score", pa.float32())])
-    window = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("scores", f32)])
+    # SED models: each window's segmentwise scores [steps][classes], step k at start_s + k * segment_s
+    window = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("scores", f32),
+                        ("segmentwise", pa.list_(f32))])
     event = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("label", pa.string()),
                        ("mid", pa.string()), ("score", pa.float32())])
     return pa.schema([
         ("path", pa.string()), ("duration_s", pa.float64()), ("clip_scores", f32), ("tags", pa.list_(tag)),
         ("windows", pa.list_(window)), ("events", pa.list_(event)), ("embedding", f32), ("error", pa.string()),
+        ("segment_s", pa.float64()),
     ])
 
 
@@ -162,7 +179,9 @@ def parquet_table(records: list[dict]):
         rows.append({
             "path": rec["path"], "duration_s": rec["duration_s"], "clip_scores": rec["clip_scores"],
             "tags": rec["tags"], "events": rec["events"], "embedding": rec.get("embedding"),
-            "windows": [{"start_s": w["start_s"], "end_s": w["end_s"], "scores": w["scores"]} for w in rec["windows"]],
+            "windows": [{"start_s": w["start_s"], "end_s": w["end_s"], "scores": w["scores"],
+                         "segmentwise": w.get("segmentwise")} for w in rec["windows"]],
+            "segment_s": rec.get("segment_s"),
         })
     for row in rows:  # Arrow strings are UTF-8: a file name that is not keeps its bytes as surrogate escapes
         row["path"] = text_path(row["path"])
@@ -201,8 +220,8 @@ class StreamSink:
             raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
         self.stream, self.fmt = stream, fmt
         self._records: list[dict] = []
-        if fmt == "csv":
-            self.stream.write(csv_header())
+        if fmt in HEADERS:
+            self.stream.write(HEADERS[fmt]())
 
     def write(self, rec: dict) -> None:
         if self.fmt == "json":
@@ -240,7 +259,8 @@ class ResultFile:
         self.path = Path(path)
         self.kind = OUTPUT_KINDS.get(self.path.suffix.lower())
         if self.kind is None:
-            raise OutputError(f"output must end in {', '.join(OUTPUT_KINDS)} (jsonl, csv, Raven table)", str(self.path))
+            raise OutputError(f"output must end in {', '.join(OUTPUT_KINDS)} (jsonl, csv, Raven table, DCASE table, "
+                              "Parquet)", str(self.path))
         if self.path.is_dir():
             raise OutputError("is a directory; --output names a file", str(self.path))
         self.part = self.path.with_name(self.path.name + ".part")
@@ -273,7 +293,7 @@ class ResultFile:
         renamed onto it: a kill or a full disk meanwhile leaves the old one (maybe the only copy) whole."""
         self._fd, tmp = create_beside(self.part)
         try:
-            self._put({"csv": csv_header(), "raven": raven_header()}.get(self.kind, ""))
+            self._put({"csv": csv_header(), "raven": raven_header(), "dcase": dcase_header()}.get(self.kind, ""))
             for rec in kept:
                 self._put(self._text(rec))
             os.fsync(self._fd)
@@ -318,7 +338,7 @@ class ResultFile:
                     continue  # foreign line, or an error to try again
                 groups.setdefault(rec["path"], []).append(rec)
             return groups
-        rows = self._csv_rows(text) if self.kind == "csv" else self._raven_rows(text)
+        rows = {"csv": self._csv_rows, "raven": self._raven_rows, "dcase": self._dcase_rows}[self.kind](text)
         for row in rows:
             if row is not None:
                 groups.setdefault(row["path"], []).append(row)
@@ -370,10 +390,24 @@ class ResultFile:
                 continue
             yield {"path": raven_uncell(cells[7]), "_cells": cells}
 
+    @staticmethod
+    def _dcase_rows(text: str):
+        lines = text.split("\n")
+        if not lines or lines[0] != dcase_header().rstrip("\n"):
+            return
+        for line in lines[1:]:
+            cells = line.split("\t")
+            if len(cells) != len(DCASE_FIELDS):
+                yield None
+                continue
+            yield {"path": raven_uncell(cells[0]), "_line": line + "\n"}
+
     # --- writing --------------------------------------------------------------------------
     def _text(self, rec: dict) -> str:
         if "_row" in rec:  # a CSV row kept from an earlier run
             return _csv_row([csv_uncell(v) for v in rec["_row"]])
+        if "_line" in rec:  # a DCASE row kept from an earlier run
+            return rec["_line"]
         if "_cells" in rec:  # a Raven row kept from an earlier run, renumbered
             self._selection += 1
             return "\t".join([str(self._selection - 1)] + rec["_cells"][1:]) + "\n"
@@ -381,6 +415,8 @@ class ResultFile:
             return jsonl_line(rec)
         if self.kind == "csv":
             return csv_rows(rec)
+        if self.kind == "dcase":
+            return dcase_rows(rec)
         text = raven_rows(rec, self._selection)
         self._selection += len(rec.get("events", ()))
         return text

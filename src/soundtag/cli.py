@@ -181,31 +181,21 @@ def _add_tag_options(p: argparse.ArgumentParser) -> None:
                    help="refuse inputs longer than this (default 86400 = 24 h)")
     p.add_argument("--embeddings", action="store_true",
                    help="add the clip embedding to each record (fp32/int8 models; CNN14 2048-d, Cnn6/10 512, MobileNets 1024)")
-    from .sed import DEFAULT_MAX_GAP_S, DEFAULT_MEDIAN_S, DEFAULT_MIN_DURATION_S, DEFAULT_OFF_RATIO
+    from .sed import add_arguments
 
-    g = p.add_argument_group("sound event detection (Cnn14_DecisionLevelMax/Att models): events at frame resolution")
-    g.add_argument("--off-ratio", type=_finite("--off-ratio"), default=DEFAULT_OFF_RATIO, metavar="R",
-                   help=f"an event lasts while its score stays >= R x its threshold (hysteresis; 1: none; default {DEFAULT_OFF_RATIO:g})")
-    g.add_argument("--median", type=_finite("--median"), default=DEFAULT_MEDIAN_S, metavar="SECONDS",
-                   help=f"median filter over time before thresholding (default {DEFAULT_MEDIAN_S:g}: none)")
-    g.add_argument("--min-event", type=_finite("--min-event"), default=DEFAULT_MIN_DURATION_S, metavar="SECONDS",
-                   help=f"drop shorter events (default {DEFAULT_MIN_DURATION_S:g})")
-    g.add_argument("--max-gap", type=_finite("--max-gap"), default=DEFAULT_MAX_GAP_S, metavar="SECONDS",
-                   help=f"merge events of a class at most this far apart (default {DEFAULT_MAX_GAP_S:g}, one 320 ms step)")
+    add_arguments(p)
     _add_accelerator_options(p)
 
 
 def _post_processing(args):
     """The sound event detection flags as a sed.PostProcessing; a bad value is a usage error."""
     from .errors import OptionsError
-    from .sed import PostProcessing
+    from .sed import from_arguments
 
     try:
-        return PostProcessing(off_ratio=args.off_ratio, median_s=args.median, min_duration_s=args.min_event,
-                              max_gap_s=args.max_gap)
+        return from_arguments(args)
     except OptionsError as exc:
-        raise UsageError(f"{exc}".replace("off_ratio", "--off-ratio").replace("median_s", "--median")
-                         .replace("min_duration_s", "--min-event").replace("max_gap_s", "--max-gap")) from None
+        raise UsageError(str(exc)) from None
 
 
 def _add_gpu_check_option(p: argparse.ArgumentParser) -> None:

@@ -473,13 +473,14 @@ def tag_clips(options, paths: dict[int, str], on_clip: Callable[[str, str | None
 
 
 # --- the run ------------------------------------------------------------------------------------
-def tagger_options(args):
-    """TaggerOptions from the eval flags (validated now: a bad value is a usage error before any work)."""
+def tagger_options(args, **more):
+    """TaggerOptions from the eval flags (validated now: a bad value is a usage error before any work);
+    ``more``: further TaggerOptions fields (the strong-label run's post-processing and threshold)."""
     from .tagger import TaggerOptions
 
     try:
         return TaggerOptions(model_path=args.model, hop_s=args.hop, aggregate=args.aggregate,
-                             num_threads=args.threads, max_duration_s=args.max_duration)
+                             num_threads=args.threads, max_duration_s=args.max_duration, **more)
     except OptionsError as exc:
         field, _, rest = exc.reason.partition(" ")
         raise OptionsError(f"{OPTION_FLAGS.get(field, field)} {rest}") from None
@@ -612,7 +613,9 @@ def _check_output(path: str | None) -> None:
 def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="measure mAP / AUC / d-prime on your own labels")
     e.add_argument("labels", metavar="LABELS",
-                   help='AudioSet segment CSV (YTID, start, end, "MID,...") or a CSV with header path,labels')
+                   help='AudioSet segment CSV (YTID, start, end, "MID,...") or a CSV with header path,labels; or strong '
+                        'labels for a sound event detection model: a DCASE tsv (filename onset offset event_label) '
+                        "or AudioSet's strong-label tsv (segment_id start_time_seconds end_time_seconds label)")
     e.add_argument("--audio-dir", metavar="D", help="tag the labeled clips found here (D/<YTID>.* or the CSV paths)")
     e.add_argument("--predictions", metavar="P",
                    help=f"scores made before: Parquet file or folder, or JSONL of '{FULL_TOP_K}'")
@@ -625,6 +628,10 @@ def add_parser(sub) -> None:
     e.add_argument("--threads", type=int, help="LiteRT threads (default: one per core, up to 4)")
     e.add_argument("--max-duration", type=float, default=DEFAULT_MAX_DURATION_S, metavar="SECONDS",
                    help="refuse clips longer than this (default 86400 = 24 h)")
+    e.add_argument("--threshold", type=float, help="strong labels: the event threshold of every class (default 0.5)")
+    from .sed import add_arguments
+
+    add_arguments(e)
 
 
 def _err(msg: str) -> None:
@@ -643,10 +650,16 @@ def main(args) -> int:
             progress.clear()
             _err(f"{path}: {reason}")
 
+    from . import evaluate_sed
+
+    strong = evaluate_sed.strong_format(args.labels) if os.path.isfile(args.labels) else None
     try:
         _check_output(args.output)
-        label_set, cov = collect(args, on_clip)
-        report = build_report(label_set, cov, args)
+        if strong:
+            report = evaluate_sed.evaluate(args, on_clip)
+        else:
+            label_set, cov = collect(args, on_clip)
+            report = build_report(label_set, cov, args)
     except OptionsError as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -665,6 +678,7 @@ def main(args) -> int:
 
 
 def _emit(report: dict, args) -> int:
+    from .evaluate_sed import table_text as strong_table
     from .writers import json_text
 
     text = json_text(report, indent=2) + "\n"
@@ -674,12 +688,17 @@ def _emit(report: dict, args) -> int:
         except OSError as exc:
             _err(f"{args.output}: cannot write the report ({exc.strerror or exc})")
             return EXIT_FAILED
-    sys.stdout.write(text if args.format == "json" else table_text(report))
+    strong = "files" in report  # a strong-label report (evaluate_sed)
+    sys.stdout.write(text if args.format == "json" else (strong_table if strong else table_text)(report))
     sys.stdout.flush()
-    clips = report["clips"]
+    clips = report["files"] if strong else report["clips"]
+    what = "files" if strong else "clips"
     if clips["missing"]:
-        _err(f"{clips['missing']} of {clips['labeled']} labeled clips missing (reasons in the report)")
-    if report["mAP"] is None:
+        _err(f"{clips['missing']} of {clips['labeled']} labeled {what} missing (reasons in the report)")
+    if strong and not clips["evaluated"]:
+        _err("nothing evaluated: no labeled file could be tagged")
+        return EXIT_FAILED
+    if not strong and report["mAP"] is None:
         what = "no clip" if not clips["evaluated"] else "no class with a positive among the evaluated clips"
         _err(f"nothing evaluated: {what}")
         return EXIT_FAILED

@@ -190,3 +190,29 @@ def _merge(runs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
         else:
             out.append((a, b))
     return out
+
+
+FLAGS = {"off_ratio": "--off-ratio", "median_s": "--median", "min_duration_s": "--min-event", "max_gap_s": "--max-gap"}
+
+
+def add_arguments(parser) -> None:
+    """The post-processing flags (FLAGS) of `tag`, `corpus` and `eval`, as one argparse group."""
+    g = parser.add_argument_group("sound event detection (Cnn14_DecisionLevelMax/Att models): events at frame resolution")
+    g.add_argument("--off-ratio", type=float, default=DEFAULT_OFF_RATIO, metavar="R",
+                   help=f"an event lasts while its score stays >= R x its threshold (hysteresis; 1: none; default {DEFAULT_OFF_RATIO:g})")
+    g.add_argument("--median", type=float, default=DEFAULT_MEDIAN_S, metavar="SECONDS",
+                   help=f"median filter over time before thresholding (default {DEFAULT_MEDIAN_S:g}: none)")
+    g.add_argument("--min-event", type=float, default=DEFAULT_MIN_DURATION_S, metavar="SECONDS",
+                   help=f"drop shorter events (default {DEFAULT_MIN_DURATION_S:g})")
+    g.add_argument("--max-gap", type=float, default=DEFAULT_MAX_GAP_S, metavar="SECONDS",
+                   help=f"merge events of a class at most this far apart (default {DEFAULT_MAX_GAP_S:g}: one 320 ms step)")
+
+
+def from_arguments(args) -> PostProcessing:
+    """PostProcessing from add_arguments' flags; OptionsError naming the flag."""
+    try:
+        return PostProcessing(off_ratio=args.off_ratio, median_s=args.median, min_duration_s=args.min_event,
+                              max_gap_s=args.max_gap)
+    except OptionsError as exc:
+        field, _, rest = exc.reason.partition(" ")
+        raise OptionsError(f"{FLAGS.get(field, field)} {rest}") from None

@@ -85,7 +85,7 @@ def cached_family_models(arch: str, precisions: tuple[str, ...]) -> tuple[Path, 
     report = out / report_file(ARCHITECTURES[arch])
     if not (report.is_file() and json.loads(report.read_text()).get("passed")):
         shutil.rmtree(out, ignore_errors=True)
-        convert_checkpoint(checkpoint, out, precisions, gpu_check="off")
+        convert_checkpoint(checkpoint, out, precisions, gpu_check="off", arch=arch)
     return out, checkpoint
 
 

@@ -222,3 +222,4 @@ def test_registry_agrees_with_the_converter():
     for c in fetch.CHECKPOINTS.values():
         a = ARCHITECTURES[c.arch]
         assert c.sample_rate == a.front_end.sample_rate and c.file == a.upstream_file and c.published_map == a.published_map
+        assert a.upstream_md5 in (None, c.md5)  # where the converter pins an md5 (to tell equal keys apart), the same

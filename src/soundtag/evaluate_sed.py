@@ -227,8 +227,9 @@ def metrics(labels: StrongLabels, det: Detections, model_labels) -> dict:
         from sed_scores_eval import collar_based, intersection_based, segment_based
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("strong-label evaluation needs sed_scores_eval: pip install 'soundtag[sed]'") from exc
-    classes = labels.classes
     ids = sorted(det.results)
+    present = {e[2] for i in ids for e in labels.events[i]}
+    classes = [c for c in labels.classes if c in present]  # a class without a reference event has no recall
     truth = {i: [list(e) for e in labels.events[i]] for i in ids}
     durations = {i: max([det.results[i].duration_s] + [e[1] for e in labels.events[i]]) for i in ids}
     events = _frames(det, classes, lambda r: event_frame(r, classes))

@@ -564,9 +564,9 @@ def convert_checkpoint(
         raise ValueError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
     if gpu_check not in GPU_CHECKS:  # model.GPU_CHECKS says what each means
         raise ValueError(f"unknown GPU check {gpu_check!r}; choose from {', '.join(GPU_CHECKS)}")
-    a, body = load(checkpoint, arch)
-    precisions = tuple(precisions or a.precisions)
     md5 = file_digest(checkpoint, "md5")
+    a, body = load(checkpoint, arch, md5)
+    precisions = tuple(precisions or a.precisions)
     wave_in = a.inputs != ("logmel",)  # the body takes the waveform itself (Wavegram): every model is waveform-in
     if waveform and (a.front_end != CNN14_FRONT_END or a.layout != "cnn14" or a.frames_per_segment):
         raise ValueError(f"--waveform builds the 32 kHz CNN14 front end into the graph; {a.name} "

@@ -12,6 +12,7 @@ the 16 kHz model's STFT size, #54 the 8 kHz parameters).
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,6 +23,8 @@ import torch
 
 from ..errors import SoundtagError
 from ..spec import CNN14_FRONT_END, FrontEnd, ModelSpec
+
+log = logging.getLogger(__name__)
 
 FRONT_END_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.")  # keys the body does not take
 STFT_KEY = "spectrogram_extractor.stft.conv_real.weight"  # [n_freqs, 1, n_fft]
@@ -46,6 +49,7 @@ class Architecture:
     # what `convert` writes unless told: MobileNets' fp16/int8 miss the gates on synthetic weights
     # (fp16 corr 0.99990 at a 0.9999 gate, int8 0.987 at 0.998), so only fp32 is their default
     precisions: tuple[str, ...] = ("fp32", "fp16")
+    upstream_md5: str | None = None  # the upstream checkpoint's, where it decides between equal keys (fetch.py pins it too)
 
     def body_class(self):
         module, cls = self.body.split(":")
@@ -87,7 +91,7 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("Cnn14_8k", "cnn14:Cnn14Body", FRONT_END_8K, 0.416, upstream_file="Cnn14_8k_mAP=0.416.pth"),
     # the sound event detection models: Cnn14's keys (Max) or Cnn14's with an AttBlock for fc_audioset (Att)
     Architecture("Cnn14_DecisionLevelMax", "cnn14:Cnn14DecisionLevelMaxBody", CNN14_FRONT_END, 0.385,
-                 upstream_file="Cnn14_DecisionLevelMax_mAP=0.385.pth"),
+                 upstream_file="Cnn14_DecisionLevelMax_mAP=0.385.pth", upstream_md5="70539c43c18b6a289b3199c503a82c5a"),
     Architecture("Cnn14_DecisionLevelAtt", "cnn14:Cnn14DecisionLevelAttBody", CNN14_FRONT_END, 0.425,
                  upstream_file="Cnn14_DecisionLevelAtt_mAP=0.425.pth"),
     Architecture("Cnn10", "cnns:Cnn10Body", CNN14_FRONT_END, 0.380, "plain", "Cnn10_mAP=0.380.pth"),
@@ -164,9 +168,11 @@ def body_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith(FRONT_END_PREFIXES)}
 
 
-def detect(sd: dict[str, torch.Tensor], path: str | Path, arch: str | None = None) -> Architecture:
-    """The architecture of a checkpoint's state_dict (see the module docstring); CheckpointError
-    (one line) when none fits, or when several do and neither the file name nor ``arch`` decides."""
+def detect(sd: dict[str, torch.Tensor], path: str | Path, arch: str | None = None, md5: str | None = None) -> Architecture:
+    """The architecture of a checkpoint's state_dict (see the module docstring); where several fit,
+    the file's ``md5`` (an upstream checkpoint's), then its name decide, then the one clip model among
+    them (Cnn14 over Cnn14_DecisionLevelMax, with a warning). CheckpointError (one line) when none
+    fits, or when several still do and ``arch`` does not say."""
     path = Path(path)
     body = {k: tuple(v.shape) for k, v in body_state(sd).items()}
     if arch is not None:
@@ -182,11 +188,23 @@ def detect(sd: dict[str, torch.Tensor], path: str | Path, arch: str | None = Non
     front = _front_end_of(sd)
     if front is not None and len(fits) > 1:
         fits = [a for a in fits if front(a.front_end)] or fits
+    if len(fits) > 1 and md5 is not None:
+        by_md5 = [a for a in fits if a.upstream_md5 == md5]
+        if by_md5:
+            return by_md5[0]
     if len(fits) > 1:
         stem = re.split(r"_mAP=", path.name, maxsplit=1)[0].lower()
         by_name = [a for a in fits if a.name.lower() == stem]
         if by_name:
             return by_name[0]
+        clip = [a for a in fits if a.frames_per_segment is None]
+        if len(clip) == 1 and "decisionlevel" not in path.name.lower():
+            # Cnn14_DecisionLevelMax has Cnn14's very keys: a file that neither its name nor its md5 calls a
+            # SED model is taken for the clip model, as before the SED models existed, and the log says so
+            log.warning("%s: the weights fit %s; converting it as %s (name the file %s_mAP=... or give --arch "
+                        "for another)", path, ", ".join(a.name for a in fits), clip[0].name,
+                        next(a.name for a in fits if a is not clip[0]))
+            return clip[0]
         raise CheckpointError(f"{path}: the weights fit {', '.join(a.name for a in fits)}, and the file name does "
                               f"not say which; give --arch ({' or '.join(a.name for a in fits)})")
     return fits[0]
@@ -221,10 +239,11 @@ def _check_keys(arch: Architecture, body: dict[str, tuple[int, ...]], path: Path
         raise CheckpointError(f"{path}: not a {arch.name} checkpoint; wrong shapes for {_short(wrong)}")
 
 
-def load(path: str | Path, arch: str | None = None) -> tuple[Architecture, torch.nn.Module]:
-    """(architecture, its eval-mode body with the checkpoint's weights) for an upstream checkpoint."""
+def load(path: str | Path, arch: str | None = None, md5: str | None = None) -> tuple[Architecture, torch.nn.Module]:
+    """(architecture, its eval-mode body with the checkpoint's weights) for an upstream checkpoint
+    (``md5``: the file's, when known, see detect)."""
     sd = read_checkpoint(path)
-    a = detect(sd, path, arch)
+    a = detect(sd, path, arch, md5)
     body = a.body_class()()
     body.load_state_dict(body_state(sd), strict=True)
     return a, body.eval()

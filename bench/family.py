@@ -20,7 +20,8 @@ from bench.machine import cpu_line
 
 ARCHS = {"Cnn14": ("fp32", "fp16", "int8"), "Cnn14_16k": ("fp32",), "Cnn10": ("fp32", "int8"),
          "Cnn6": ("fp32", "fp16", "int8"), "MobileNetV1": ("fp32",), "MobileNetV2": ("fp32",),
-         "ResNet38": ("fp32",), "Wavegram_Logmel_Cnn14": ("fp32",)}
+         "ResNet38": ("fp32",), "Wavegram_Logmel_Cnn14": ("fp32",),
+         "Cnn14_DecisionLevelMax": ("fp32", "fp16"), "Cnn14_DecisionLevelAtt": ("fp32",)}
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
         else:
             out, checkpoint = cached_family_models(name, ARCHS[name])
         report = json.loads((out / report_file(a)).read_text())
-        body = family.load(checkpoint)[1]
+        body = family.load(checkpoint, name)[1]
         models = {p: Model(out / a.file(p), num_threads=args.threads, weight_cache=False) for p in ARCHS[name]}
         spec = models["fp32"].spec
         x = probe_input(spec)

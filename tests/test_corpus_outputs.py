@@ -85,7 +85,7 @@ def test_parquet_output_read_by_duckdb_and_pandas(models, clips, tmp_path, capsy
     assert code == 1, err
     assert not out.with_name("all.parquet.part").exists()
     df = pd.read_parquet(out)
-    assert list(df.columns) == ["path", "duration_s", "clip_scores", "tags", "windows", "events", "embedding", "error"]
+    assert list(df.columns) == ["path", "duration_s", "clip_scores", "tags", "windows", "events", "embedding", "error", "segment_s"]
     assert list(df["path"]) == [str(clips[0]), str(bad), str(clips[1])]
     assert df["error"].isna().tolist() == [True, False, True] and "not an audio file" in df["error"][1]
     ref = Tagger(TaggerOptions(model_path=str(model), embeddings=True)).tag_file(clips[1])

@@ -524,3 +524,60 @@ def test_strong_labels_refusals(sed_models, tmp_path):
                            str(cached_models() / "cnn14_audioset_fp32.tflite")], capture_output=True, text=True)
     assert proc.returncode == 1 and "strong labels need a sound event detection model" in proc.stderr
     del clip_model
+
+
+# --- live -------------------------------------------------------------------------------------
+def test_event_tracker_equals_detect_on_the_whole_timeline():
+    """Fed in chunks cut anywhere, the live tracker ends exactly the events detect() finds on the whole."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(50, 400))
+        x = np.repeat(rng.random((n // 8 + 1, 3)).astype(np.float32), 8, axis=0)[:n]
+        on = rng.uniform(0.3, 0.9, 3)
+        post = sed.PostProcessing(off_ratio=float(rng.choice([1.0, 0.5, 0.8])), max_gap_s=float(rng.choice([0, 0.05, 0.2])),
+                                  min_duration_s=float(rng.choice([0, 0.1, 0.3])))
+        want = sorted((c, a, b) for c, a, b, _ in sed.detect(x, 0.01, on, post))
+        tracker, got, prev = sed.EventTracker(on, 0.01, post), [], 0
+        for cut in sorted(set(rng.integers(1, n, int(rng.integers(0, 6))).tolist())) + [n]:
+            got += tracker.push(x[prev:cut])
+            prev = cut
+        got += tracker.close()
+        assert sorted((c, a, b) for kind, c, a, b, _ in got if kind == "end") == want
+        assert sorted((c, a) for kind, c, a, _, _ in got if kind == "start") == sorted((c, a) for c, a, _ in want)
+    with pytest.raises(OptionsError, match="median"):
+        sed.EventTracker(np.full(3, 0.5), 0.01, sed.PostProcessing(median_s=0.5))
+
+
+@needs_sounds
+@pytest.mark.parametrize("hop_s", [10.0, 5.0])
+def test_live_stream_reports_the_files_events_at_frame_resolution(sed_models, scenes, hop_s):
+    """`listen` and the WebSocket share TagStream: fed the scene in blocks of any size, its events (opened
+    as windows complete, closed at the end) are the file's."""
+    path, wave, _ = scenes["scene_a"]
+    tagger = Tagger(TaggerOptions(model_path=str(model_file(sed_models, MAX)), hop_s=hop_s, threshold=0.6))
+    want = sorted((e.index, e.start_s, e.end_s) for e in tagger.tag_file(path).events)
+    stream, out, i = tagger.stream(SR), [], 0
+    rng = np.random.default_rng(1)
+    while i < wave.size:
+        n = int(rng.integers(500, 120_000))
+        out += stream.feed(wave[i:i + n])
+        i += n
+    out += stream.close()
+    ends = [r.event for r in out if getattr(r, "kind", None) == "end"]
+    assert want and sorted((e.index, e.start_s, e.end_s) for e in ends) == want
+    starts = [r for r in out if getattr(r, "kind", None) == "start"]
+    assert len(starts) == len(ends)
+    assert any(r.event.start_s % 10 not in (0.0, 5.0) for r in starts)  # onsets between window boundaries
+
+
+@needs_sounds
+def test_plot_draws_spectrogram_scores_and_events(sed_models, scenes, tmp_path):
+    png = tmp_path / "sed.png"
+    proc = subprocess.run([sys.executable, "-m", "soundtag", "tag", str(scenes["scene_a"][0]), "--model",
+                           str(model_file(sed_models, MAX)), "--plot", str(png)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(png))
+    assert img.shape[:2] == (700, 1400)  # the two-panel SED picture, not the clip model's heat map
+    assert img[:, :, :3].std() > 0.1

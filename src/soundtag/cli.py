@@ -344,7 +344,7 @@ def _cmd_tag(args) -> int:
     if plotted:
         from .plot import plot_timeline
 
-        plot_timeline(plotted[0], args.plot)
+        plot_timeline(plotted[0], args.plot, spec=tagger.spec)
     return EXIT_FAILED if counts.failed else EXIT_OK
 
 

@@ -656,7 +656,10 @@ def main(args) -> int:
     try:
         _check_output(args.output)
         if strong:
-            report = evaluate_sed.evaluate(args, on_clip)
+            from .sed import from_arguments
+
+            options = tagger_options(args, sed=from_arguments(args), threshold=args.threshold)
+            report = evaluate_sed.evaluate(args, options, on_clip)
         else:
             label_set, cov = collect(args, on_clip)
             report = build_report(label_set, cov, args)

@@ -13,7 +13,7 @@ psds_eval's on the same inputs):
 - PSDS (threshold-independent, from the framewise scores): DCASE 2021+ scenarios PSDS_SCENARIOS.
 Only the classes the labels name are evaluated (by name or MID among the model's labels).
 
-Floor 6: imports the public API below it; only evaluate.py imports this module.
+Floor 6: imports the public API below it; evaluate.py (`soundtag eval`) runs it.
 """
 
 from __future__ import annotations
@@ -306,19 +306,16 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def evaluate(args, on_file: Callable[[str, str | None], None] | None = None) -> dict:
-    """The whole strong-label run of `soundtag eval` (evaluate.main hands it the parsed flags)."""
-    from .evaluate import tagger_options
-    from .sed import from_arguments
-
+def evaluate(args, options, on_file: Callable[[str, str | None], None] | None = None) -> dict:
+    """The whole strong-label run of `soundtag eval` (evaluate.main hands it the parsed flags and their
+    TaggerOptions, post-processing included)."""
     if not args.audio_dir:
         raise OptionsError("eval: strong labels are evaluated by tagging the files; give --audio-dir D")
     if args.predictions:
         raise OptionsError("eval: --predictions holds clip scores; strong labels need --audio-dir (framewise scores)")
-    post = from_arguments(args)
-    tagger = sed_tagger(tagger_options(args, sed=post, threshold=args.threshold))
+    tagger = sed_tagger(options)
     labels = read_strong(args.labels, tagger.spec.labels)
     found, missing = find_files(labels, args.audio_dir)
     det = detect_files(tagger, found, on_file)
     det.missing.update(missing)
-    return build_report(labels, det, tagger.spec.labels, post)
+    return build_report(labels, det, tagger.spec.labels, options.sed)

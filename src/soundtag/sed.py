@@ -216,3 +216,97 @@ def from_arguments(args) -> PostProcessing:
     except OptionsError as exc:
         field, _, rest = exc.reason.partition(" ")
         raise OptionsError(f"{FLAGS.get(field, field)} {rest}") from None
+
+
+class EventTracker:
+    """``detect`` over a timeline that arrives in chunks (a live stream): ``push(chunk)`` takes the next
+    frames [n, classes] and returns what changed, ``close()`` ends every open event. The events it
+    ends are ``detect``'s on the whole timeline (hysteresis, gap merging, minimum length; no median
+    filter, which would need frames that have not arrived). An event is announced ("start") once it
+    is confirmed (a frame reached the on-threshold) and at least the minimum length; it "ends" once
+    the gap after it can no longer be bridged, or at close."""
+
+    def __init__(self, on: np.ndarray, frame_hop_s: float, post: PostProcessing = PostProcessing(),
+                 classes: np.ndarray | None = None) -> None:
+        if post.median_s > 0:
+            raise OptionsError("a median filter needs frames that have not arrived; live events take --median 0")
+        self.on = np.asarray(on, np.float64)
+        self.look = (np.ones(self.on.size, bool) if classes is None else np.asarray(classes, bool)) & \
+            np.isfinite(self.on) & (self.on <= 1.0)
+        self.off = self.on * post.off_ratio
+        self.hop = frame_hop_s
+        self.gap = int(round(post.max_gap_s / frame_hop_s))
+        self.shortest = post.min_duration_s
+        self.frames = 0  # frames pushed so far
+        self._run: dict[int, list] = {}  # class -> [start, end, has_high, peak] of the low run in progress
+        self._event: dict[int, list] = {}  # class -> [start, end, peak, announced] of the last confirmed event
+
+    def push(self, chunk: np.ndarray) -> list[tuple[str, int, float, float, float]]:
+        """(kind "start" or "end", class, onset_s, offset_s so far, peak) for each change, in time order."""
+        x = np.asarray(chunk, np.float32)
+        f0, n = self.frames, x.shape[0]
+        self.frames += n
+        out: list = []
+        hit = self.look & ((x >= np.minimum(self.off, self.on)).any(axis=0) if n else np.zeros(self.on.size, bool))
+        for c in sorted(set(np.flatnonzero(hit).tolist()) | set(self._run) | set(self._event)):
+            col = x[:, c]
+            high, low = col >= self.on[c], col >= self.off[c]
+            runs = _runs(low | high)
+            for a, b in runs:
+                a_abs, b_abs = f0 + a, f0 + b
+                has, peak = bool(high[a:b].any()), float(col[a:b].max())
+                run = self._run.pop(c, None)
+                if run is not None and run[1] == a_abs:  # continues across the chunk boundary
+                    a_abs, has, peak = run[0], has or run[2], max(peak, run[3])
+                elif run is not None:
+                    self._finish(c, run, out)
+                if b < n:  # the run ended inside this chunk
+                    self._finish(c, [a_abs, b_abs, has, peak], out)
+                else:
+                    self._run[c] = [a_abs, b_abs, has, peak]
+                    if has:
+                        self._confirm(c, a_abs, b_abs, peak, out, final=False)
+            if not runs and c in self._run:
+                self._finish(c, self._run.pop(c), out)
+            self._expire(c, out)
+        return out
+
+    def close(self) -> list[tuple[str, int, float, float, float]]:
+        out: list = []
+        for c in sorted(self._run):
+            self._finish(c, self._run.pop(c), out)
+        for c in sorted(self._event):
+            self._end(c, out)
+        return out
+
+    def _finish(self, c: int, run: list, out: list) -> None:
+        if run[2]:
+            self._confirm(c, run[0], run[1], run[3], out, final=True)
+
+    def _confirm(self, c: int, a: int, b: int, peak: float, out: list, final: bool) -> None:
+        ev = self._event.get(c)
+        if ev is not None and ev[1] < a and a - ev[1] > self.gap:
+            self._end(c, out)
+            ev = None
+        if ev is None:
+            ev = self._event[c] = [a, b, peak, False]
+        else:
+            ev[1], ev[2] = max(ev[1], b), max(ev[2], peak)
+        if not ev[3] and (ev[1] - ev[0]) * self.hop + 1e-9 >= self.shortest:
+            ev[3] = True
+            out.append(("start", c, round(ev[0] * self.hop, 6), round(ev[1] * self.hop, 6), ev[2]))
+
+    def _expire(self, c: int, out: list) -> None:
+        """End the last event once nothing that may still arrive can merge with it."""
+        ev = self._event.get(c)
+        if ev is None:
+            return
+        run = self._run.get(c)
+        nxt = run[0] if run is not None else self.frames
+        if nxt - ev[1] > self.gap:
+            self._end(c, out)
+
+    def _end(self, c: int, out: list) -> None:
+        ev = self._event.pop(c)
+        if (ev[1] - ev[0]) * self.hop + 1e-9 >= self.shortest:
+            out.append(("end", c, round(ev[0] * self.hop, 6), round(ev[1] * self.hop, 6), ev[2]))

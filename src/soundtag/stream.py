@@ -3,7 +3,9 @@
 One code path for `soundtag listen` and the server's WebSocket: ``Tagger.stream(rate, channels)``.
 Fed the samples of a file, a stream gives the windows and scores of ``Tagger.tag_file`` (same window
 rule, same soxr resampler run incrementally). It holds at most one window plus one block of audio, and
-one running clip aggregate, however long it runs.
+one running clip aggregate, however long it runs. A sound event detection model's events come at frame
+resolution (sed.EventTracker over the frames of each window as it completes): the file's events, but
+for frames an end-aligned last window would have owned.
 """
 
 from __future__ import annotations
@@ -85,6 +87,15 @@ class TagStream:
         self._windows = 0
         self._clip: np.ndarray | None = None  # running max, or running sum for the mean
         self._open: dict[int, list] = {}  # class -> [start_s, end_s, score] of the open event
+        spec = tagger.spec
+        self._tracker = None  # a SED model's events at frame resolution (sed.EventTracker)
+        if spec.framewise:
+            from .sed import EventTracker
+
+            self._tracker = EventTracker(tagger.scorer.event_cutoffs, spec.frame_hop_s, tagger.options.sed,
+                                         tagger.scorer.mask)
+            self._committed = 0  # frames handed to the tracker
+            self._last: tuple[int, np.ndarray] | None = None  # (first frame, framewise) of the last window
         self.closed = False
         self.limit = limit  # (seconds, flag): more audio than this is refused (TaggerOptions.duration_limit)
         self.cancel = threading.Event()  # set from another thread: feed stops between two windows
@@ -124,10 +135,46 @@ class TagStream:
         if self._resampler is not None:
             out += self._tag(self._cutter.push(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)), arrived)
         out += self._tag(self._cutter.finish(), arrived)
+        if self._tracker is not None:
+            total = 1 + self._cutter.samples // self.tagger.spec.front_end.hop
+            if self._last is not None:
+                out += self._frame_events(self._commit(self._last, total - 1))
+            out += self._frame_events(self._tracker.close())
         for c in sorted(self._open):
             out.append(self._event("end", c))
         self._open.clear()
         return out
+
+    def _commit(self, last: tuple[int, np.ndarray], upto: int) -> list:
+        """Hand the tracker the frames after those committed, up to frame ``upto`` (inclusive), from a window."""
+        first, fw = last
+        upto = min(upto, first + fw.shape[0] - 1)
+        if upto < self._committed:
+            return []
+        chunk = fw[self._committed - first: upto - first + 1]
+        self._committed = upto + 1
+        return self._tracker.push(chunk)
+
+    def _frame_events(self, changes: list) -> list[StreamEvent]:
+        labs = self.tagger.spec.labels
+        heard = round(self._cutter.samples / self.tagger.spec.sample_rate, 6)  # offsets end with the audio, as a file's
+        return [StreamEvent(kind, Event(on, min(off, heard), c, labs[c].mid, labs[c].name, peak))
+                for kind, c, on, off, peak in changes]
+
+    def _sed_window(self, start: int, n: int, segments: np.ndarray) -> list[StreamEvent]:
+        """A SED window's frames, as the file timeline takes them (sed.timeline: each frame from the
+        window whose centre is nearest), handed to the tracker as soon as no later regular window
+        (one hop on) could own them: with the default hop, every frame of the window at once."""
+        from .sed import framewise
+
+        spec = self.tagger.spec
+        hop = spec.front_end.hop
+        fw = framewise(segments, spec.frames_per_segment, spec.frames)
+        first = int(round(start / hop))
+        owned = int(np.floor(first + (spec.frames - 1) / 2 + self.tagger.hop / hop / 2))
+        real = 1 + (start + n) // hop - 1  # the window's last frame of real audio
+        self._last = (first, fw)
+        return self._frame_events(self._commit(self._last, min(owned, real)))
 
     def clip_scores(self) -> np.ndarray | None:
         """Clip scores so far (max or mean over the windows so far, like a file's)."""
@@ -145,7 +192,7 @@ class TagStream:
             lm = self.tagger.model.features(wave)
             if not np.isfinite(lm).all():
                 raise AudioError(f"non-finite model input in the window at {start / sr:.2f} s")
-            probs = self.tagger.model(lm)
+            probs, second = self.tagger.model.run(lm)
             self._windows += 1
             if self._clip is None:
                 self._clip = probs.copy()
@@ -155,6 +202,9 @@ class TagStream:
                 self._clip += probs
             start_s, end_s = start / sr, (start + n) / sr
             out.append(StreamWindow(start_s, end_s, scorer.select(probs), probs, self._clock() - arrived))
+            if self._tracker is not None:
+                out += self._sed_window(start, n, second)
+                continue
             above = (probs >= scorer.event_cutoffs) & scorer.mask
             for c in [c for c in self._open if not above[c]]:
                 out.append(self._event("end", c))

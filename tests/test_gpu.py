@@ -223,3 +223,29 @@ def test_family_models_run_on_the_gpu_like_the_cpu(arch):
     cpu_scores = Tagger(TaggerOptions(model_path=str(path))).tag_waveform(wave, 32000).clip_scores
     gpu_scores = Tagger(TaggerOptions(model_path=str(path)), gpu).tag_waveform(wave, 32000).clip_scores
     np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=0, atol=gate["max_abs_diff"])
+
+
+@needs_gpu
+def test_sed_model_runs_on_the_gpu_like_the_cpu():
+    """A sound event detection model (issue #20) on LiteRT's GPU accelerator: fully accelerated, and its
+    clipwise and segmentwise outputs on the speech probe equal to the CPU run within the fp32 probe gates."""
+    from soundtag.convert.family import ARCHITECTURES
+    from soundtag.convert.validate import GPU_GATES
+    from tests.fixtures import cached_family_models
+
+    arch = "Cnn14_DecisionLevelMax"
+    out, _ = cached_family_models(arch, ("fp32", "fp16"))
+    path = out / ARCHITECTURES[arch].file("fp16")
+    gpu = Cnn14Model(path, accelerator="gpu", gpu_precision="fp32")
+    assert gpu.accelerator == "gpu" and gpu.gpu.fully_accelerated and gpu.spec.framewise
+    x = probe_input(gpu.spec)
+    (want, want_seg), (got, got_seg) = Cnn14Model(path).run(x), gpu.run(x)
+    gate = GPU_GATES["fp16"]["fp32"]
+    assert got_seg.shape == (31, 527)
+    for a, b in ((want, got), (want_seg, got_seg)):
+        assert pearson(a, b) >= gate["min_corr"] and float(np.max(np.abs(a - b))) <= gate["max_abs_diff"]
+    # the GPU's fp16 mode: the converter's SED gate (the max over steps moves with float16 rounding)
+    from soundtag.convert.validate import SED_GPU_GATES
+
+    half = Cnn14Model(path, accelerator="gpu", gpu_precision="fp16")
+    assert pearson(want, half.run(x)[0]) >= SED_GPU_GATES["fp16"]["fp16"]["min_corr"]

@@ -581,3 +581,38 @@ def test_plot_draws_spectrogram_scores_and_events(sed_models, scenes, tmp_path):
     img = matplotlib.image.imread(str(png))
     assert img.shape[:2] == (700, 1400)  # the two-panel SED picture, not the clip model's heat map
     assert img[:, :, :3].std() > 0.1
+
+
+def test_audioset_strong_labels_are_read_by_mid(tmp_path):
+    """AudioSet's strong-label tsv (segment_id, start_time_seconds, end_time_seconds, label as MID):
+    segment ids are the files' stems, MIDs become the model's names."""
+    from soundtag.evaluate_sed import find_files, read_strong, strong_format
+    from soundtag.labels import labels
+
+    path = tmp_path / "audioset_eval_strong.tsv"
+    path.write_text("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
+                    "YxlGt805lTA_30000\t0.000\t1.264\t/m/09x0r\nYxlGt805lTA_30000\t4.5\t6.0\t/m/0bt9lr\n"
+                    "Y0b8mq7JW1pA_0\t2.0\t3.0\t/m/09x0r\n")
+    assert strong_format(str(path)) == "audioset"
+    got = read_strong(str(path), labels())
+    assert got.events == {"YxlGt805lTA_30000": [(0.0, 1.264, "Speech"), (4.5, 6.0, "Dog")],
+                          "Y0b8mq7JW1pA_0": [(2.0, 3.0, "Speech")]}
+    assert got.classes == ["Speech", "Dog"]  # model order
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / "YxlGt805lTA_30000.flac").write_bytes(b"")
+    found, missing = find_files(got, str(tmp_path / "audio"))
+    assert list(found) == ["YxlGt805lTA_30000"] and "Y0b8mq7JW1pA_0" in missing
+    dcase = tmp_path / "x.tsv"
+    dcase.write_text("filename\tonset\toffset\tevent_label\n")
+    with pytest.raises(OptionsError, match="no labeled files"):
+        read_strong(str(dcase), labels())
+
+
+def test_fetch_knows_the_sed_checkpoints():
+    from soundtag import fetch
+
+    for name, arch in (("sed", MAX), ("sed-att", ATT)):
+        c = fetch.checkpoint(name)
+        assert c.arch == arch and c.md5 and c.file == family.ARCHITECTURES[arch].upstream_file
+    proc = subprocess.run([sys.executable, "-m", "soundtag", "models"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "sed-att" in proc.stdout and MAX in proc.stdout

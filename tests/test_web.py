@@ -337,3 +337,41 @@ def test_api_key_and_upload_limit(browser, locked_server, media):
         assert not [p for p in problems if "401" not in p and "413" not in p], problems
     finally:
         context.close()
+
+
+@pytest.fixture(scope="module")
+def sed_server(tmp_path_factory):
+    """A server with a sound event detection model (issue #20)."""
+    from soundtag.convert.family import ARCHITECTURES
+    from tests.fixtures import cached_family_models
+
+    arch = "Cnn14_DecisionLevelMax"
+    out, _ = cached_family_models(arch, ("fp32", "fp16"))
+    yield from _start_server(out / ARCHITECTURES[arch].file("fp16"), tmp_path_factory.mktemp("serve-sed") / "serve.log")
+
+
+def test_sed_upload_draws_framewise_scores(browser, sed_server, media):
+    """A SED model's answer carries each window's segmentwise scores: the heat map has a column per 320 ms
+    step (each window's steps until the next window starts), not one per window, and its events table
+    has the frame-resolution events."""
+    context, page, problems = _page(browser, sed_server)
+    try:
+        page.set_input_files("#file", str(media["scene"]))
+        _wait_for_tags(page)
+        rec = httpx.post(f"{sed_server}/v1/tags?scores=1", files={"file": media["scene"].open("rb")}, timeout=120).json()
+        starts = [w["start_s"] for w in rec["windows"]]
+        want = sum(1 for i, w in enumerate(rec["windows"]) for k in range(len(w["segmentwise"]))
+                   if w["start_s"] + k * rec["segment_s"] < min(starts[i + 1] if i + 1 < len(starts) else 1e9, w["end_s"]))
+        assert want > 10 * len(rec["windows"])
+        described = page.locator("#timeline-text").inner_text()
+        assert f"Framewise heat map of {want} steps of 0.32 s in {len(rec['windows'])} windows" in described, described
+        stats = page.evaluate(CANVAS_STATS)
+        assert stats["painted"] > 0.3 * stats["width"] * stats["height"] and stats["colours"] > 10, stats
+        rows = page.locator("#events tbody tr")
+        assert rows.count() == len(rec["events"])
+        if rec["events"]:
+            assert float(rows.nth(0).locator("td").all_inner_texts()[0]) == rec["events"][0]["start_s"]
+        shot(page, "upload-sed")
+        assert not problems, problems
+    finally:
+        context.close()

@@ -101,11 +101,28 @@ class AttBlock(nn.Module):
         return torch.sum(att * cla, dim=2), cla
 
 
-def decision_level(x: torch.Tensor, fc1: nn.Linear, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def time_pools(x: torch.Tensor) -> torch.Tensor:
+    """Upstream's max_pool1d + avg_pool1d (kernel 3, stride 1, padding 1) over the last axis, as upstream."""
+    return F.max_pool1d(x, kernel_size=3, stride=1, padding=1) + F.avg_pool1d(x, kernel_size=3, stride=1, padding=1)
+
+
+def shifted_time_pools(x: torch.Tensor) -> torch.Tensor:
+    """time_pools without pooling ops, for export: each step's neighbours as shifted copies. The max of
+    a padded edge is the max of what is there (an edge copy changes nothing); the average counts the
+    zero padding, as avg_pool1d's count_include_pad. LiteRT's GPU runs the pooled form differently
+    from its CPU (lavapipe: corr 0.997 on the probe), this one alike."""
+    prev_edge = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
+    next_edge = torch.cat([x[..., 1:], x[..., -1:]], dim=-1)
+    zero = torch.zeros_like(x[..., :1])
+    prev_zero = torch.cat([zero, x[..., :-1]], dim=-1)
+    next_zero = torch.cat([x[..., 1:], zero], dim=-1)
+    return torch.maximum(torch.maximum(prev_edge, x), next_edge) + (prev_zero + x + next_zero) * (1.0 / 3.0)
+
+
+def decision_level(x: torch.Tensor, fc1: nn.Linear, head: nn.Module, pools=time_pools) -> tuple[torch.Tensor, torch.Tensor]:
     """The DecisionLevel tail on the conv blocks' output x [B, C, steps, F]: (clipwise [B, classes],
     segmentwise [B, steps, classes]). ``head``: fc_audioset (max over steps) or an AttBlock."""
-    x = x.mean(dim=3)
-    x = F.max_pool1d(x, kernel_size=3, stride=1, padding=1) + F.avg_pool1d(x, kernel_size=3, stride=1, padding=1)
+    x = pools(x.mean(dim=3))
     x = F.relu(fc1(x.transpose(1, 2)))  # [B, steps, 2048]
     if isinstance(head, AttBlock):
         clip, seg = head(x.transpose(1, 2))

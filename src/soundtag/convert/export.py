@@ -36,11 +36,11 @@ from ..errors import ValidationError
 from ..files import atomic_write_bytes, file_digest
 from ..model import GPU_CHECKS
 from ..spec import CNN14, CNN14_FRONT_END, FrontEnd, ModelSpec, embed_spec
-from .cnn14 import Cnn14Body, decision_level
+from .cnn14 import Cnn14Body, decision_level, shifted_time_pools
 from .family import ARCHITECTURES, Architecture, load
 from .frontend import LogmelFrontEnd
 from .winograd import WidthTwoConv3x3, WinogradConv3x3
-from .validate import (GATES, GPU_GATES, MAX_TENSOR_BYTES, WAVEFORM_GPU_GATES, ModelOutputs, compare, gpu_parity,
+from .validate import (GATES, GPU_GATES, MAX_TENSOR_BYTES, SED_GPU_GATES, WAVEFORM_GPU_GATES, ModelOutputs, compare, gpu_parity,
                        inspect_graph, run_tflite)
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class _ExportBody(nn.Module):
             if pool > 1 and not self.pools_in_tiles(i):
                 x = F.avg_pool2d(x, pool)
         if self.decision is not None:
-            return decision_level(x, self.decision[0], self.decision[1])  # (clipwise, segmentwise)
+            return decision_level(x, self.decision[0], self.decision[1], shifted_time_pools)  # (clipwise, segmentwise)
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)
         emb = F.relu(F.linear(x, *self.fc1))
@@ -617,7 +617,7 @@ def convert_checkpoint(
     for precision in precisions:
         data = makers[precision]()
         out = fp32_out if precision == "fp32" else run_tflite(data, inputs)
-        gpu_gates = (WAVEFORM_GPU_GATES if wave_in else GPU_GATES).get(precision)
+        gpu_gates = (WAVEFORM_GPU_GATES if wave_in else SED_GPU_GATES if a.frames_per_segment else GPU_GATES).get(precision)
         entry = _prove(a.file(precision), precision, conv_form[precision], data, out, reference, gates[precision],
                        gpu_gates, inputs, gpu_check)
         if precision == "int8":

@@ -48,6 +48,14 @@ WAVEFORM_GPU_GATES = {
     "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": None},
     "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": None},
 }
+# The sound event detection models (issue #20): in the GPU's fp16 mode the fp16 model's clip score is
+# the max over 31 steps, each with its own float16 rounding, so it moves more than Cnn14's mean + max
+# over time: corr 0.99975 vs the CPU on lavapipe (Intel Xeon host, AVX-512); gated at 0.9995. The fp32
+# mode is exact, as every model's.
+SED_GPU_GATES = {
+    "fp32": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": None},
+    "fp16": {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9995, "max_abs_diff": None}},
+}
 MAX_TENSOR_BYTES = 128 * 1024 * 1024  # WebGPU's default maxStorageBufferBindingSize
 # Bytes per element as the GPU holds a tensor: float tensors as fp32 (its fp32 mode expands fp16
 # weights), integer ones at their own size (int8 weights stay int8).

@@ -458,6 +458,22 @@
     const font = `${fontPx}px system-ui, -apple-system, "Segoe UI", Roboto, sans-serif`;
     const dpr = window.devicePixelRatio || 1;
 
+    // a sound event detection model's answer (segment_s, windows[].segmentwise): one column per 320 ms
+    // step, each window's steps until the next window starts; a clip model's: one column per window
+    const framewise = Number(rec.segment_s) > 0 && windows.length && windows.every((w) => Array.isArray(w.segmentwise));
+    const columns = [];
+    windows.forEach((w, c) => {
+      if (!framewise) {
+        columns.push({ start: Number(w.start_s), end: Number(w.end_s), scores: w.scores });
+        return;
+      }
+      const next = c + 1 < windows.length ? Number(windows[c + 1].start_s) : Infinity;
+      w.segmentwise.forEach((scores, k) => {
+        const start = Number(w.start_s) + k * Number(rec.segment_s);
+        if (start < next && start < Number(w.end_s)) columns.push({ start, end: Math.min(next, start + Number(rec.segment_s)), scores });
+      });
+    });
+
     if (!clip || !windows.length || !windows.every((w) => Array.isArray(w.scores))) {
       canvas.width = Math.round(width * dpr);
       canvas.height = Math.round(40 * dpr);
@@ -487,15 +503,15 @@
     const labelW = Math.min(Math.ceil(widest) + 10, Math.floor(width * (narrow ? 0.42 : 0.35)));
     const x0 = labelW;
     const x1 = width - 12;
-    const starts = windows.map((w) => Number(w.start_s));
+    const starts = columns.map((col) => col.start);
     const tEnd = Math.max(Number(rec.duration_s) || 0, ...windows.map((w) => Number(w.end_s) || 0), starts[starts.length - 1] + 0.1);
     const xOf = (t) => x0 + (t / tEnd) * (x1 - x0);
 
-    // cells: column i runs from window i's start to window i+1's (the last one to the end of the audio)
-    for (let c = 0; c < windows.length; c++) {
+    // cells: column i runs from its start to column i+1's (the last one to the end of the audio)
+    for (let c = 0; c < columns.length; c++) {
       const a = xOf(starts[c]);
-      const b = xOf(c + 1 < windows.length ? starts[c + 1] : tEnd);
-      const scores = windows[c].scores;
+      const b = xOf(c + 1 < columns.length ? starts[c + 1] : tEnd);
+      const scores = columns[c].scores;
       for (let r = 0; r < order.length; r++) {
         ctx.fillStyle = viridis(scores[order[r]]);
         ctx.fillRect(Math.floor(a), padTop + r * rowH, Math.max(1, Math.ceil(b) - Math.floor(a)), rowH - 1);
@@ -531,20 +547,22 @@
     ctx.textAlign = "right";
     ctx.fillText("time (s)", x0 - 6, axisY + 7);
 
-    lastTimeline.layout = { order, starts, tEnd, x0, x1, padTop, rowH, xOf };
+    lastTimeline.layout = { order, starts, tEnd, x0, x1, padTop, rowH, xOf, columns, framewise };
     const best = order[0];
-    let bestW = 0;
-    windows.forEach((w, c) => { if (w.scores[best] > windows[bestW].scores[best]) bestW = c; });
-    el.timelineText.textContent = `Heat map of ${windows.length} window${windows.length === 1 ? "" : "s"} over ${fmtS(tEnd)} s. `
+    let bestC = 0;
+    columns.forEach((col, c) => { if (col.scores[best] > columns[bestC].scores[best]) bestC = c; });
+    const what = framewise ? `framewise heat map of ${columns.length} steps of ${Number(rec.segment_s).toFixed(2)} s in ${windows.length} window${windows.length === 1 ? "" : "s"}`
+      : `Heat map of ${windows.length} window${windows.length === 1 ? "" : "s"}`;
+    el.timelineText.textContent = `${what[0].toUpperCase()}${what.slice(1)} over ${fmtS(tEnd)} s. `
       + `Rows, best first: ${order.map(label).join("; ")}. Highest: ${label(best)}, `
-      + `${Number(windows[bestW].scores[best]).toFixed(2)} in the window from ${fmtS(windows[bestW].start_s)} s.`;
+      + `${Number(columns[bestC].scores[best]).toFixed(2)} in the ${framewise ? "step" : "window"} from ${fmtS(columns[bestC].start)} s.`;
   }
 
   // the cell under the pointer, as a tooltip
   el.timeline.addEventListener("mousemove", (e) => {
     const t = lastTimeline;
     if (!t || !t.layout) return;
-    const { order, starts, tEnd, x0, x1, padTop, rowH } = t.layout;
+    const { order, starts, tEnd, x0, x1, padTop, rowH, columns, framewise } = t.layout;
     const rect = el.timeline.getBoundingClientRect();
     const x = e.clientX - rect.left;
     const r = Math.floor((e.clientY - rect.top - padTop) / rowH);
@@ -555,9 +573,9 @@
     const time = ((x - x0) / (x1 - x0)) * tEnd;
     let c = 0;
     while (c + 1 < starts.length && starts[c + 1] <= time) c += 1;
-    const w = t.rec.windows[c];
+    const w = columns[c];
     el.timeline.title = `${t.names[order[r]] || `class ${order[r]}`}: ${Number(w.scores[order[r]]).toFixed(3)} `
-      + `(window ${fmtS(w.start_s)}–${fmtS(w.end_s)} s)`;
+      + `(${framewise ? "step" : "window"} ${fmtS(w.start)}–${fmtS(w.end)} s)`;
   });
 
   let lastWidth = 0;

@@ -154,8 +154,9 @@ def detect(scores: np.ndarray, frame_hop_s: float, on: np.ndarray, post: PostPro
     shortest = post.min_duration_s
     end_s = n_frames * frame_hop_s if duration_s is None else float(duration_s)
     out = []
+    filtered = np.ascontiguousarray(filtered.T)  # [classes, frames]: each class's frames contiguous
     for k, c in enumerate(cols):
-        x = filtered[:, k]
+        x = filtered[k]
         hi, lo = float(on[c]), float(on[c]) * post.off_ratio
         for a, b in _merge(_hysteresis(x >= hi, x >= lo), gap):
             onset, offset = a * frame_hop_s, min(b * frame_hop_s, end_s)
@@ -173,13 +174,12 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _hysteresis(high: np.ndarray, low: np.ndarray) -> list[tuple[int, int]]:
-    """Runs of ``low`` that contain at least one ``high`` frame."""
-    hits = np.flatnonzero(high)
-    out = []
-    for a, b in _runs(low | high):
-        if hits.size and np.searchsorted(hits, a) < np.searchsorted(hits, b):
-            out.append((a, b))
-    return out
+    """Runs of ``low`` that contain at least one ``high`` frame (vectorised: highs counted per run)."""
+    d = np.diff(np.concatenate([[0], (low | high).astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    count = np.concatenate([[0], np.cumsum(high, dtype=np.int64)])
+    keep = count[ends] > count[starts]
+    return list(zip(starts[keep].tolist(), ends[keep].tolist()))
 
 
 def _merge(runs: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:

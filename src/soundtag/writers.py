@@ -379,28 +379,24 @@ class ResultFile:
             return  # a quoted cell cut by a kill: the rest is dropped
 
     @staticmethod
-    def _raven_rows(text: str):
+    def _tsv_rows(text: str, header: str, fields: tuple, path_cell: int):
+        """(cells, path) per row of a tab-separated table under ``header`` (None for a cut or foreign row)."""
         lines = text.split("\n")
-        if not lines or lines[0] != raven_header().rstrip("\n"):
+        if not lines or lines[0] != header.rstrip("\n"):
             return
         for line in lines[1:]:
             cells = line.split("\t")
-            if len(cells) != len(RAVEN_FIELDS):
-                yield None
-                continue
-            yield {"path": raven_uncell(cells[7]), "_cells": cells}
+            yield (cells, raven_uncell(cells[path_cell])) if len(cells) == len(fields) else None
 
-    @staticmethod
-    def _dcase_rows(text: str):
-        lines = text.split("\n")
-        if not lines or lines[0] != dcase_header().rstrip("\n"):
-            return
-        for line in lines[1:]:
-            cells = line.split("\t")
-            if len(cells) != len(DCASE_FIELDS):
-                yield None
-                continue
-            yield {"path": raven_uncell(cells[0]), "_line": line + "\n"}
+    @classmethod
+    def _raven_rows(cls, text: str):
+        for row in cls._tsv_rows(text, raven_header(), RAVEN_FIELDS, 7):
+            yield None if row is None else {"path": row[1], "_cells": row[0]}
+
+    @classmethod
+    def _dcase_rows(cls, text: str):
+        for row in cls._tsv_rows(text, dcase_header(), DCASE_FIELDS, 0):
+            yield None if row is None else {"path": row[1], "_line": "\t".join(row[0]) + "\n"}
 
     # --- writing --------------------------------------------------------------------------
     def _text(self, rec: dict) -> str:

@@ -516,14 +516,12 @@ def test_strong_labels_refusals(sed_models, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "soundtag", "eval", str(bad), "--audio-dir", str(tmp_path), "--model", model],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "'No such class' is not a class of the model" in proc.stderr
-    clip_model = tmp_path / "m"
     from tests.fixtures import cached_models
 
     bad.write_text("filename\tonset\toffset\tevent_label\na.wav\t1.0\t2.0\tSpeech\n")
     proc = subprocess.run([sys.executable, "-m", "soundtag", "eval", str(bad), "--audio-dir", str(tmp_path), "--model",
                            str(cached_models() / "cnn14_audioset_fp32.tflite")], capture_output=True, text=True)
     assert proc.returncode == 1 and "strong labels need a sound event detection model" in proc.stderr
-    del clip_model
 
 
 # --- live -------------------------------------------------------------------------------------

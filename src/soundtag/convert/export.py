@@ -619,7 +619,7 @@ def convert_checkpoint(
         out = fp32_out if precision == "fp32" else run_tflite(data, inputs)
         gpu_gates = (WAVEFORM_GPU_GATES if wave_in else SED_GPU_GATES if a.frames_per_segment else GPU_GATES).get(precision)
         entry = _prove(a.file(precision), precision, conv_form[precision], data, out, reference, gates[precision],
-                       gpu_gates, inputs, gpu_check)
+                       gpu_gates, inputs, gpu_check, base)
         if precision == "int8":
             entry["float32_layers"] = (list(keep_float) or ([f"the first {keep_first} convolutions"] if keep_first else [])
                                        + [f"every op of {s}" for s in front_scope])
@@ -667,7 +667,7 @@ def convert_checkpoint(
 
 
 def _prove(file: str, precision: str, form: str, data: bytes, out: ModelOutputs, reference: ModelOutputs,
-           gate: dict, gpu_gates: dict | None, inputs: dict, gpu_check: str = "auto") -> dict:
+           gate: dict, gpu_gates: dict | None, inputs: dict, gpu_check: str = "auto", spec: ModelSpec = CNN14) -> dict:
     """A model's report entry: parity vs PyTorch (probabilities, embedding), graph checks and, for a
     model with ``gpu_gates`` unless ``gpu_check`` is "off", the GPU accelerator's parity with the CPU run
     (gpu_verdict). ``passed`` says if it may be written."""
@@ -687,7 +687,7 @@ def _prove(file: str, precision: str, form: str, data: bytes, out: ModelOutputs,
     }
     if reference.segmentwise:  # SED: the framewise scores (upstream's framewise_output) over all frames
         frame_gate = {"min_corr": gate["framewise_min_corr"], "max_abs_diff": gate["framewise_max_abs_diff"]}
-        fw = compare(precision, _framewise(reference.segmentwise), _framewise(out.segmentwise or {}), frame_gate)
+        fw = compare(precision, _framewise(reference.segmentwise, spec), _framewise(out.segmentwise, spec), frame_gate)
         entry["outputs"].append(f"segmentwise [1, {len(next(iter(reference.segmentwise.values())))}, "
                                 f"{len(next(iter(out.probs.values())))}]")
         entry["framewise_parity_vs_pytorch"] = dataclasses.asdict(fw)
@@ -708,13 +708,12 @@ def _prove(file: str, precision: str, form: str, data: bytes, out: ModelOutputs,
     return entry
 
 
-def _framewise(segmentwise: dict) -> dict:
+def _framewise(segmentwise: dict, spec: ModelSpec) -> dict:
     """{input: framewise [frames, classes]} of {input: segmentwise [steps, classes]} (sed.framewise:
-    upstream's interpolate + pad_framewise_output); a missing output is all NaN (fails its gate)."""
+    upstream's interpolate + pad_framewise_output), in the window of a SED model's ``spec``."""
     from ..sed import framewise
 
-    frames = CNN14.frames
-    return {k: framewise(np.asarray(v, np.float64), frames // len(v), frames) for k, v in segmentwise.items()}
+    return {k: framewise(np.asarray(v, np.float64), spec.frames_per_segment, spec.frames) for k, v in segmentwise.items()}
 
 
 def _no_gpu_but_required(entry: dict) -> bool:

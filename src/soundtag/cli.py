@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import evaluate
 
     evaluate.add_parser(sub)
+    from . import search, train
+
+    train.add_parser(sub)
+    search.add_parsers(sub)
     return p
 
 
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         commands = {"tag": _cmd_tag, "corpus": _cmd_corpus, "listen": _cmd_listen, "serve": _cmd_serve, "convert": _cmd_convert, "fetch": _cmd_fetch, "eval": _cmd_eval, "models": _cmd_models,
-                    "selftest": _cmd_selftest}
+                    "selftest": _cmd_selftest, "train": _cmd_train, "index": _cmd_index, "search": _cmd_search}
         return commands[args.command](args)
     except UsageError as exc:
         _err(str(exc))
@@ -617,6 +621,24 @@ def _cmd_eval(args) -> int:
     from . import evaluate
 
     return evaluate.main(args)
+
+
+def _cmd_train(args) -> int:
+    from . import train
+
+    return train.main(args)
+
+
+def _cmd_index(args) -> int:
+    from . import search
+
+    return search.main_index(args)
+
+
+def _cmd_search(args) -> int:
+    from . import search
+
+    return search.main_search(args)
 
 
 def main_exit() -> None:

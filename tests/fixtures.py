@@ -134,3 +134,37 @@ def absent_gpu_env(directory: Path) -> dict:
     library = str(radeon) if radeon else str(Path(directory) / "libvulkan_absent_gpu.so")
     icd.write_text(json.dumps({"file_format_version": "1.0.0", "ICD": {"library_path": library, "api_version": "1.3.0"}}))
     return {**os.environ, "VK_ICD_FILENAMES": str(icd), "VK_DRIVER_FILES": str(icd)}
+
+
+DRUMKITS = Path("/usr/share/hydrogen/data/drumkits")  # Debian hydrogen-drumkits (tools/os-deps.sh)
+# instrument -> file-name pattern, for the kits whose samples are named by instrument
+DRUM_CLASSES = {"kick": r"kick|bassdrum|(^|_)bd", "snare": r"snare|(^|_)sd_", "hihat": r"hat|(^|_)hh",
+                "cymbal": r"crash|ride|cymbal"}
+TRAIN_KITS = ("ForzeeStereo", "The Black Pearl 1.0", "Millo_MultiLayered2", "ElectricEmpireKit")
+TEST_KITS = ("ColomboAcousticDrumkit", "Millo_MultiLayered3", "VariBreaks", "Millo-Drums_v.1")
+
+
+def drum_files(kits: tuple[str, ...], per_class: int) -> dict[str, list[Path]]:
+    """Up to ``per_class`` samples per instrument from each kit (sorted, spread over the kit's files)."""
+    import re
+
+    out: dict[str, list[Path]] = {c: [] for c in DRUM_CLASSES}
+    for kit in kits:
+        files = sorted(p for p in (DRUMKITS / kit).iterdir() if p.suffix.lower() in (".wav", ".flac"))
+        for c, pattern in DRUM_CLASSES.items():
+            found = [p for p in files if re.search(pattern, p.stem, re.I)
+                     and not any(re.search(q, p.stem, re.I) for k, q in DRUM_CLASSES.items() if k != c)]
+            step = max(1, len(found) // per_class)
+            out[c].extend(found[::step][:per_class])
+    return out
+
+
+def drum_dataset(root: Path, kits: tuple[str, ...], per_class: int) -> Path:
+    """A class-folder dataset of symlinks to real drum samples: root/<instrument>/<kit>__<file>."""
+    for c, files in drum_files(kits, per_class).items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for p in files:
+            link = root / c / f"{p.parent.name.replace(' ', '_')}__{p.name}"
+            if not link.exists():
+                link.symlink_to(p)
+    return root

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from .audio import AUDIO_EXTENSIONS, DEFAULT_MAX_DURATION_S
 from .batch import APPLEDOUBLE_PREFIX
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionsError, SoundtagError, UnknownClassError
 from .files import atomic_write_bytes
-from .labels import NUM_CLASSES, labels, lookup
+from .labels import NUM_CLASSES, Label, labels, lookup
 from .results import error_reason
 from .scoring import AGGREGATES
 from .spec import DEFAULT_WINDOW_S as WINDOW_S
@@ -62,8 +62,9 @@ class Clip:
 @dataclass(frozen=True)
 class LabelSet:
     path: str
-    kind: str  # "audioset" (YTIDs) or "paths" (path,labels)
+    kind: str  # "audioset" (YTIDs), "paths" (path,labels) or "folders" (class folders, dataset.py)
     clips: tuple[Clip, ...]
+    classes: tuple[Label, ...] = field(default_factory=labels)  # the model's labels (AudioSet's, or a trained head's)
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,18 @@ def summarize(ap: np.ndarray, auc: np.ndarray) -> tuple[float, float, float]:
 
 
 # --- labels -------------------------------------------------------------------------------------
-def read_labels(path: str, audio_dir: str | None = None) -> LabelSet:
-    """LABELS: AudioSet's segment CSV (YTID, start, end, "MID,MID") or a CSV with header path,labels."""
+def read_labels(path: str, audio_dir: str | None = None, table: tuple[Label, ...] | None = None) -> LabelSet:
+    """LABELS: AudioSet's segment CSV (YTID, start, end, "MID,MID"), a CSV with header path,labels, or
+    a folder of class folders (dataset.py); class names or MIDs of ``table`` (a model's labels,
+    default AudioSet's)."""
+    table = labels() if table is None else tuple(table)
+    if os.path.isdir(path):
+        from .dataset import read_dataset
+
+        data = read_dataset(path)
+        clips = tuple(Clip(os.path.relpath(e.path, path), frozenset(_classes(e.labels, path, 0, table)), e.path)
+                      for e in data.examples)
+        return LabelSet(path, "folders", clips, table)
     rows = _csv_rows(_read_text(path, "labels file"))
     first = next(rows, None)
     if first is None:
@@ -156,17 +167,17 @@ def read_labels(path: str, audio_dir: str | None = None) -> LabelSet:
     header = [cell.strip().lower() for cell in first[1]]
     if "path" in header and "labels" in header:
         base = audio_dir if audio_dir is not None else os.path.dirname(path)
-        clips = _path_clips(path, rows, header.index("path"), header.index("labels"), base)
+        clips = _path_clips(path, rows, header.index("path"), header.index("labels"), base, table)
         kind = "paths"
     elif header[0] == "ytid" or (len(header) >= 4 and _is_number(header[1]) and _is_number(header[2])):
-        clips = _audioset_clips(path, rows if header[0] == "ytid" else itertools.chain([first], rows))
+        clips = _audioset_clips(path, rows if header[0] == "ytid" else itertools.chain([first], rows), table)
         kind = "audioset"
     else:
         raise OptionsError(f"line {first[0]}: not a labels file: expected AudioSet's segment CSV "
                            '(YTID, start_seconds, end_seconds, "MID,...") or a CSV with header path,labels', path)
     if not clips:
         raise OptionsError("no labeled clips in the labels file", path)
-    return LabelSet(path, kind, clips)
+    return LabelSet(path, kind, clips, table)
 
 
 def _read_text(path: str, what: str) -> str:
@@ -197,32 +208,32 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _classes(keys: Iterable[str], path: str, line: int) -> set[int]:
+def _classes(keys: Iterable[str], path: str, line: int, table: tuple[Label, ...]) -> set[int]:
     try:
-        return {lookup(key) for key in (k.strip() for k in keys) if key}
+        return {lookup(key, table) for key in (k.strip() for k in keys) if key}
     except UnknownClassError as exc:
-        raise OptionsError(f"line {line}: {exc.reason}", path) from None
+        raise OptionsError(f"line {line}: {exc.reason}" if line else exc.reason, path) from None
 
 
-def _audioset_clips(path: str, rows: Iterable[tuple[int, list[str]]]) -> tuple[Clip, ...]:
+def _audioset_clips(path: str, rows: Iterable[tuple[int, list[str]]], table: tuple[Label, ...]) -> tuple[Clip, ...]:
     merged: dict[str, set[int]] = {}
     for line, row in rows:
         if len(row) < 4 or not row[0].strip():
             raise OptionsError(f'line {line}: expected YTID, start_seconds, end_seconds, "MID,..."', path)
         mids = AUDIOSET_SEPARATOR.join(row[3:]).split(AUDIOSET_SEPARATOR)  # unquoted MIDs spill into more cells
-        merged.setdefault(row[0].strip(), set()).update(_classes(mids, path, line))
+        merged.setdefault(row[0].strip(), set()).update(_classes(mids, path, line, table))
     return tuple(Clip(name, frozenset(pos)) for name, pos in merged.items())
 
 
 def _path_clips(path: str, rows: Iterable[tuple[int, list[str]]], path_col: int, labels_col: int,
-                base: str) -> tuple[Clip, ...]:
+                base: str, table: tuple[Label, ...]) -> tuple[Clip, ...]:
     merged: dict[str, set[int]] = {}
     for line, row in rows:
         name = row[path_col].strip() if len(row) > path_col else ""
         if not name:
             raise OptionsError(f"line {line}: no path", path)
         cell = row[labels_col] if len(row) > labels_col else ""
-        merged.setdefault(name, set()).update(_classes(cell.split(LABEL_SEPARATOR), path, line))
+        merged.setdefault(name, set()).update(_classes(cell.split(LABEL_SEPARATOR), path, line, table))
     return tuple(Clip(name, frozenset(pos), os.path.normpath(os.path.join(base, name))) for name, pos in merged.items())
 
 
@@ -430,7 +441,7 @@ def find_audio(label_set: LabelSet, audio_dir: str, wanted: Iterable[int]) -> tu
     if not os.path.isdir(audio_dir):
         raise OptionsError("--audio-dir: no such folder", audio_dir)
     wanted = list(wanted)
-    if label_set.kind == "paths":
+    if label_set.kind in ("paths", "folders"):
         return {i: label_set.clips[i].path for i in wanted}, {}
     files = _files_by_ytid(audio_dir, {label_set.clips[i].name for i in wanted})
     found, missing = {}, {}
@@ -453,6 +464,16 @@ def _files_by_ytid(audio_dir: str, ytids: set[str]) -> dict[str, str]:
     audio = ((name, path) for name, path in entries
              if not name.startswith(APPLEDOUBLE_PREFIX) and os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS)
     return _best_by_ytid(audio, ytids, lambda table, ytid, path: table.setdefault(ytid, path))
+
+
+def model_labels(options) -> tuple[Label, ...]:
+    """The labels of the model the options name (its spec's; AudioSet's for a file without a spec)."""
+    from .paths import resolve_model_path
+    from .spec import read_spec
+
+    path, _ = resolve_model_path(options.model_path)
+    spec = read_spec(path) if path.is_file() else None
+    return labels() if spec is None else spec.labels
 
 
 def tag_clips(options, paths: dict[int, str], on_clip: Callable[[str, str | None], None] | None = None):
@@ -488,10 +509,12 @@ def tagger_options(args, **more):
 
 def collect(args, on_clip: Callable[[str, str | None], None] | None = None) -> tuple[LabelSet, Coverage]:
     """The labels and, per labeled clip, its scores: from --predictions first, then by tagging in --audio-dir."""
+    if os.path.isdir(args.labels) and not args.audio_dir and not args.predictions:
+        args.audio_dir = args.labels  # a folder of class folders holds its own audio
     if not args.audio_dir and not args.predictions:
         raise OptionsError("eval: give --audio-dir D (tag the clips), --predictions P (scores made before), or both")
     options = tagger_options(args) if args.audio_dir else None
-    label_set = read_labels(args.labels, args.audio_dir)
+    label_set = read_labels(args.labels, args.audio_dir, model_labels(options) if options else None)
     if args.predictions:
         cov = match_predictions(label_set, read_predictions(args.predictions), args.predictions)
     else:
@@ -518,10 +541,11 @@ def _joined(first: str | None, second: str) -> str:
 def build_report(label_set: LabelSet, cov: Coverage, args=None) -> dict:
     """The JSON report: summary, coverage, per-class AP/AUC (worst first), missing clips with reasons."""
     order = sorted(cov.scores)
-    y_true = np.zeros((len(order), NUM_CLASSES), dtype=bool)
+    n = len(label_set.classes)
+    y_true = np.zeros((len(order), n), dtype=bool)
     for row, i in enumerate(order):
         y_true[row, sorted(label_set.clips[i].positives)] = True
-    y_score = np.stack([cov.scores[i] for i in order]) if order else np.zeros((0, NUM_CLASSES), np.float32)
+    y_score = np.stack([cov.scores[i] for i in order]) if order else np.zeros((0, n), np.float32)
     ap, auc = class_metrics(y_true, y_score)
     m_ap, m_auc, dp = summarize(ap, auc)
     positives = y_true.sum(axis=0)
@@ -536,7 +560,7 @@ def build_report(label_set: LabelSet, cov: Coverage, args=None) -> dict:
         "classes_with_auc": int(np.isfinite(auc).sum()),
         "classes_without_positives": int((positives == 0).sum()),
         "source": _source(label_set, cov, args),
-        "classes": _class_rows(ap, auc, positives),
+        "classes": _class_rows(ap, auc, positives, label_set.classes),
         "missing": [{"clip": label_set.clips[i].name, "path": cov.audio.get(i, label_set.clips[i].path),
                      "reason": cov.missing[i]} for i in sorted(cov.missing)],
     }
@@ -547,11 +571,10 @@ def _number(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _class_rows(ap: np.ndarray, auc: np.ndarray, positives: np.ndarray) -> list[dict]:
+def _class_rows(ap: np.ndarray, auc: np.ndarray, positives: np.ndarray, table: tuple[Label, ...]) -> list[dict]:
     """Per class, worst AP first; classes without positives last (ap and auc null)."""
-    table = labels()
     defined = np.isfinite(ap)
-    order = sorted(range(NUM_CLASSES), key=lambda c: (not defined[c], ap[c] if defined[c] else 0.0, c))
+    order = sorted(range(len(table)), key=lambda c: (not defined[c], ap[c] if defined[c] else 0.0, c))
     return [{"index": c, "mid": table[c].mid, "label": table[c].name, "ap": _number(ap[c]), "auc": _number(auc[c]),
              "positives": int(positives[c])} for c in order]
 

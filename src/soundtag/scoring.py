@@ -29,7 +29,9 @@ def check_threshold(value: float, what: str) -> float:
 
 class Scorer:
     """What to report from window probabilities [windows, classes]; validates its inputs when built.
-    ``labels``: the model's (spec.labels; default AudioSet's 527), by which names and MIDs are found."""
+    ``labels``: the model's (spec.labels; default AudioSet's 527), by which names and MIDs are found.
+    ``class_defaults``: a threshold per class or None (spec.thresholds, a trained head's), used for the
+    classes that neither ``threshold`` (every class) nor ``thresholds`` (by name) sets."""
 
     def __init__(
         self,
@@ -40,21 +42,26 @@ class Scorer:
         deny: Sequence[str] | None = None,
         aggregate: str = "max",
         labels: Sequence[Label] | None = None,
+        class_defaults: Sequence[float | None] | None = None,
     ) -> None:
         self.labels = tuple(labels) if labels is not None else audioset_labels()
         n = len(self.labels)
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= n:
-            raise OptionsError(f"top_k must be an integer between 1 and {n}, got {top_k!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise OptionsError(f"top_k must be an integer >= 1, got {top_k!r}")
         if aggregate not in AGGREGATES:
             raise OptionsError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
         if isinstance(allow, str) or isinstance(deny, str):
             raise OptionsError("allow and deny are lists of class names or MIDs, not a single string")
-        self.top_k = int(top_k)
+        self.top_k = min(int(top_k), n)  # more than the model has: all of them (5 of a trained head's 3)
         self.aggregate = aggregate
         self.mask = class_mask(allow, deny, self.labels)
         default = None if threshold is None else check_threshold(threshold, "threshold")
-        self.cutoffs = cutoffs(default, thresholds, self.labels)
-        self.event_cutoffs = cutoffs(DEFAULT_EVENT_THRESHOLD if default is None else default, thresholds, self.labels)
+        if class_defaults is not None and len(class_defaults) != n:
+            raise OptionsError(f"class_defaults must have one threshold (or None) per class ({n})")
+        defaults = None if default is not None else class_defaults  # --threshold sets every class
+        self.cutoffs = cutoffs(default, thresholds, self.labels, defaults)
+        self.event_cutoffs = cutoffs(DEFAULT_EVENT_THRESHOLD if default is None else default, thresholds, self.labels,
+                                     defaults)
 
     def aggregate_windows(self, per_window: np.ndarray) -> np.ndarray:
         """Clip value from per-window values [windows, n] (scores or embeddings): max or mean."""
@@ -115,10 +122,15 @@ def class_mask(allow: Sequence[str] | None, deny: Sequence[str] | None, table: S
     return mask
 
 
-def cutoffs(default: float | None, per_class: Mapping[str, float] | None, table: Sequence[Label] | None = None) -> np.ndarray:
-    """Per-class score cutoffs: the default (none: -inf), overridden by per-class thresholds."""
+def cutoffs(default: float | None, per_class: Mapping[str, float] | None, table: Sequence[Label] | None = None,
+            class_defaults: Sequence[float | None] | None = None) -> np.ndarray:
+    """Per-class score cutoffs: the default (none: -inf), then the classes' own defaults (a trained
+    head's, where not None), overridden by per-class thresholds."""
     table = tuple(table) if table is not None else audioset_labels()
     cut = np.full(len(table), -np.inf if default is None else float(default), np.float32)
+    for i, value in enumerate(class_defaults or ()):
+        if value is not None:
+            cut[i] = check_threshold(value, f"default threshold of {table[i].name!r}")
     for key, value in (per_class or {}).items():
         cut[lookup(key, table)] = check_threshold(value, f"threshold for {key!r}")
     return cut

@@ -85,6 +85,10 @@ class ModelSpec:
     # sound event detection (DecisionLevel) models: log-mel frames per step of their second output,
     # segmentwise [1, frames // frames_per_segment, classes] (upstream: 32); None: a clip model
     frames_per_segment: int | None = None
+    # a trained head (soundtag train): each class's default decision threshold (the F1-best one on its
+    # validation split; None: no default, as for AudioSet's classes), row = output index; None: no defaults
+    thresholds: tuple[float | None, ...] | None = None
+    training: dict | None = field(default=None, compare=False)  # what a trained head was trained on (JSON)
     source: str = field(default="metadata", compare=False)  # "metadata" or "signature": how it was found
 
     def __post_init__(self) -> None:
@@ -101,6 +105,11 @@ class ModelSpec:
         fps = self.frames_per_segment
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= self.frames):
             raise ValueError(f"spec frames_per_segment must be an integer in 1..frames or None, got {fps!r}")
+        if self.thresholds is not None and (len(self.thresholds) != len(self.labels) or any(
+                t is not None and not (isinstance(t, float) and 0.0 <= t <= 1.0) for t in self.thresholds)):
+            raise ValueError("spec thresholds must be one float in [0, 1] (or None) per label")
+        if self.training is not None and not isinstance(self.training, dict):
+            raise ValueError("spec training must be a JSON object")
         if fps is not None and self.embedding_size is not None:
             raise ValueError("spec: a sound event detection model (frames_per_segment) has no embedding output")
 
@@ -186,6 +195,8 @@ class ModelSpec:
         emb = f", embedding {self.embedding_size}" if self.embedding_size else ""
         if self.framewise:
             emb += f", framewise ({self.segments} steps of {self.frames_per_segment} frames)"
+        if self.training:
+            emb += f", {len(self.training.get('classes', ()))} trained classes"
         return (f"{self.architecture}, {kind} {self.front_end.describe()}, {self.window_s:g} s windows, "
                 f"{self.num_classes} classes{emb}")
 
@@ -195,13 +206,17 @@ class ModelSpec:
                 "sample_rate": self.sample_rate, "window_samples": self.window_samples, "window_s": self.window_s,
                 "frames": self.frames, "classes": self.num_classes, "embedding_size": self.embedding_size,
                 "checkpoint_md5": self.checkpoint_md5, "precision": self.precision, "spec_from": self.source,
-                "frames_per_segment": self.frames_per_segment, "frame_hop_s": self.frame_hop_s}
+                "frames_per_segment": self.frames_per_segment, "frame_hop_s": self.frame_hop_s,
+                "training": self.training}
 
     # --- serialisation ----------------------------------------------------------------------
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("source")
         d["labels"] = [[lab.index, lab.mid, lab.name] for lab in self.labels]
+        for key in ("thresholds", "training"):
+            if d[key] is None:
+                d.pop(key)  # a model without a trained head: the spec as before
         return json.dumps({"format": SPEC_FORMAT, "version": SPEC_VERSION, **d}, ensure_ascii=False,
                           separators=(",", ":"))
 
@@ -222,7 +237,10 @@ class ModelSpec:
             return cls(architecture=str(d["architecture"]), front_end=fe, input=d["input"],
                        window_samples=d["window_samples"], labels=labs, embedding_size=d.get("embedding_size"),
                        checkpoint_md5=d.get("checkpoint_md5"), precision=d.get("precision"),
-                       frames_per_segment=d.get("frames_per_segment"))
+                       frames_per_segment=d.get("frames_per_segment"),
+                       thresholds=None if d.get("thresholds") is None else tuple(
+                           None if t is None else float(t) for t in d["thresholds"]),
+                       training=d.get("training"))
         except (ValueError, TypeError, KeyError) as exc:
             raise ModelError(f"its model spec cannot be read ({' '.join(str(exc).split())})", name) from None
 

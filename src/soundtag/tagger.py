@@ -83,9 +83,12 @@ class TaggerOptions:
             raise OptionsError(f"sed must be a soundtag.sed.PostProcessing, got {type(self.sed).__name__}")
         self.scorer()  # top_k, thresholds, aggregate, class names
 
-    def scorer(self, labels: Sequence[Label] | None = None) -> Scorer:
-        """The Scorer of these options over a model's labels (spec.labels; default AudioSet's)."""
-        return Scorer(self.top_k, self.threshold, self.thresholds, self.allow, self.deny, self.aggregate, labels)
+    def scorer(self, labels: Sequence[Label] | None = None, class_defaults: Sequence[float | None] | None = None) -> Scorer:
+        """The Scorer of these options over a model's labels (spec.labels; default AudioSet's) and its
+        per-class default thresholds (spec.thresholds: a trained head's), which apply where neither
+        threshold nor thresholds names the class."""
+        return Scorer(self.top_k, self.threshold, self.thresholds, self.allow, self.deny, self.aggregate, labels,
+                      class_defaults)
 
     def hop_samples(self, sample_rate: int) -> int:
         """hop_s in samples of a model's rate."""
@@ -131,7 +134,7 @@ class Tagger:
         self.options = options or TaggerOptions()
         self.model = model if model is not None else load_model(self.options)
         self.spec = self.model.spec
-        self.scorer = self.options.scorer(self.spec.labels)
+        self.scorer = self.options.scorer(self.spec.labels, self.spec.thresholds)
         self.hop = self.options.hop_samples(self.spec.sample_rate)
         if self.options.embeddings and not self.model.has_embedding:
             why = ("a sound event detection model has no clip embedding (its fc1 runs per time step); use a "

@@ -39,6 +39,7 @@ from ..spec import CNN14, CNN14_FRONT_END, FrontEnd, ModelSpec, embed_spec
 from .cnn14 import Cnn14Body, decision_level, shifted_time_pools
 from .family import ARCHITECTURES, Architecture, load
 from .frontend import LogmelFrontEnd
+from .head import WithClassifier
 from .winograd import WidthTwoConv3x3, WinogradConv3x3
 from .validate import (GATES, GPU_GATES, MAX_TENSOR_BYTES, SED_GPU_GATES, WAVEFORM_GPU_GATES, ModelOutputs, compare, gpu_parity,
                        inspect_graph, run_tflite)
@@ -85,7 +86,7 @@ class _ExportBody(nn.Module):
 
     def __init__(self, body: Cnn14Body, winograd: dict[int, int] | None = None, embedding: bool = False,
                  direct_group: int | None = None, winograd_group: int | None = None, gemm: str = "conv",
-                 logmel_shape: tuple[int, int] = (CNN14.frames, CNN14_FRONT_END.n_mels)) -> None:
+                 logmel_shape: tuple[int, int] = (CNN14.frames, CNN14_FRONT_END.n_mels), head: nn.Module | None = None) -> None:
         super().__init__()
         keep: list[torch.Tensor] = []
         winograd = dict(winograd or {})
@@ -126,6 +127,7 @@ class _ExportBody(nn.Module):
             self.fc2 = (const(body.fc_audioset.weight), const(body.fc_audioset.bias))
         self.keepalive = keep  # litert-torch #1061: no constant may be freed during conversion
         self.embedding = embedding
+        self.head = head  # a trained head (convert/head.py): embedding -> the model's probabilities
 
     def forward(self, logmel: torch.Tensor):
         x = logmel * self.bn0_scale + self.bn0_shift
@@ -139,7 +141,7 @@ class _ExportBody(nn.Module):
         x = x.mean(dim=3)
         x = torch.amax(x, dim=2) + x.mean(dim=2)
         emb = F.relu(F.linear(x, *self.fc1))
-        probs = torch.sigmoid(F.linear(emb, *self.fc2))
+        probs = torch.sigmoid(F.linear(emb, *self.fc2)) if self.head is None else self.head(emb)
         return (probs, emb) if self.embedding else probs
 
 
@@ -178,9 +180,9 @@ class _PlainExport(nn.Module):
     """A "plain" layout body (family.Architecture.layout) as it is, in eval mode: its BatchNorms are
     left to the converter, its parameters are the module's own contiguous tensors (kept alive by it for
     the whole conversion: litert-torch #1061), and the gates below decide. Outputs (probs, embedding)
-    with ``embedding``."""
+    with ``embedding``; ``head``: a trained head (convert/head.py) instead of the body's classifier."""
 
-    def __init__(self, body: nn.Module, embedding: bool) -> None:
+    def __init__(self, body: nn.Module, embedding: bool, head: nn.Module | None = None) -> None:
         super().__init__()
         import copy
 
@@ -191,11 +193,11 @@ class _PlainExport(nn.Module):
                     setattr(parent, child_name, _SplitConv2d(child))
         for name, t in list(body.named_parameters()) + list(body.named_buffers()):
             assert t.is_contiguous(), name  # litert-torch #1238: a non-contiguous constant is written wrongly
-        self.body, self.embedding = body, embedding
+        self.body, self.embedding, self.head = body, embedding, head
 
     def forward(self, *inputs: torch.Tensor):
         emb = self.body.embed(*inputs)
-        probs = self.body.classify(emb)
+        probs = self.body.classify(emb) if self.head is None else self.head(emb)
         return (probs, emb) if self.embedding else probs
 
 
@@ -268,9 +270,11 @@ def _asset_path(name: str) -> Path:
     return Path(str(resources.files("soundtag.assets").joinpath(name)))
 
 
-def reference_outputs(body: nn.Module, inputs: dict[str, np.ndarray], spec: ModelSpec = CNN14) -> ModelOutputs:
+def reference_outputs(body: nn.Module, inputs: dict[str, np.ndarray], spec: ModelSpec = CNN14,
+                      head: nn.Module | None = None) -> ModelOutputs:
     """The PyTorch body's probabilities and embeddings per named input (a log-mel; for a body that
-    takes the waveform and its log-mel, the waveform, whose host log-mel it gets beside it)."""
+    takes the waveform and its log-mel, the waveform, whose host log-mel it gets beside it); with
+    ``head``, its probabilities instead of the body's classifier's."""
     probs, embs, segs = {}, {}, {}
     with torch.inference_mode():
         for k, v in inputs.items():
@@ -280,7 +284,7 @@ def reference_outputs(body: nn.Module, inputs: dict[str, np.ndarray], spec: Mode
                 continue
             emb = body.embed(*_body_inputs(body, v, spec))
             embs[k] = emb.double().numpy()[0]
-            probs[k] = body.classify(emb).double().numpy()[0]
+            probs[k] = (body.classify if head is None else head)(emb).double().numpy()[0]
     return ModelOutputs(probs, embs or None, segs or None)
 
 
@@ -292,23 +296,24 @@ def _body_inputs(body: nn.Module, x: np.ndarray, spec: ModelSpec) -> tuple[torch
 
 
 def to_fp32_tflite(body: nn.Module, layout: tuple = ({}, None, None), embedding: bool = True,
-                   arch: Architecture = CNN14_ARCH, spec: ModelSpec = CNN14) -> bytes:
+                   arch: Architecture = CNN14_ARCH, spec: ModelSpec = CNN14, head: nn.Module | None = None) -> bytes:
     """litert-torch conversion of a body: for the cnn14 layout, the folded body in a layout of LAYOUTS
-    (Winograd blocks, direct group, Winograd group); for a plain one, the module itself. Returns the
-    flatbuffer bytes (unvalidated, without a spec)."""
+    (Winograd blocks, direct group, Winograd group); for a plain one, the module itself; with ``head``,
+    a trained head after the embedding instead of the body's classifier. Returns the flatbuffer bytes
+    (unvalidated, without a spec)."""
     try:
         import litert_torch
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("conversion needs litert-torch: pip install 'soundtag[convert]'") from exc
     if arch.inputs == ("waveform", "logmel"):
-        export = _WaveformInputs(_PlainExport(body, embedding)).eval()
+        export = _WaveformInputs(_PlainExport(body, embedding, head)).eval()
         sample = (torch.zeros(1, spec.window_samples),)
     else:
         if arch.layout == "cnn14":
             export = _ExportBody(body, layout[0], embedding, layout[1], layout[2],
-                                 logmel_shape=(spec.frames, spec.front_end.n_mels)).eval()
+                                 logmel_shape=(spec.frames, spec.front_end.n_mels), head=head).eval()
         else:
-            export = _PlainExport(body, embedding).eval()
+            export = _PlainExport(body, embedding, head).eval()
         sample = (torch.zeros(1, 1, spec.frames, spec.front_end.n_mels),)
     with torch.inference_mode():
         edge = litert_torch.convert(export, sample)
@@ -664,6 +669,48 @@ def convert_checkpoint(
         raise ValidationError(f"{checkpoint}: converted model failed validation: {', '.join(failed)}; "
                               f"no model written (see {output_dir / report_file(a)})")
     return ConversionResult(report, written)
+
+
+def convert_with_head(checkpoint: str | Path, head: nn.Module, arch: str | None = None, append: bool = False,
+                      winograd: bool = True, gpu_check: str = "auto", **spec_fields) -> tuple[bytes, dict]:
+    """The fp32 model of a checkpoint's body with a trained ``head`` (convert/head.py) after its
+    embedding, in place of the body's classifier (``append``: after the classifier's outputs):
+    (flatbuffer bytes with its spec, report entry).
+
+    Proven as every model is (``_prove``): the PyTorch body + head on the validation inputs (GATES
+    "fp32"), the graph (one subgraph, GPU ops only) and, where LiteRT's GPU runs, the GPU vs the CPU.
+    ``spec_fields``: what the model's spec says beyond the architecture's (labels, thresholds,
+    training: spec.ModelSpec). Raises ValidationError when it misses a gate (nothing is returned to write)."""
+    if gpu_check not in GPU_CHECKS:
+        raise ValueError(f"unknown GPU check {gpu_check!r}; choose from {', '.join(GPU_CHECKS)}")
+    checkpoint = Path(checkpoint)
+    md5 = file_digest(checkpoint, "md5")
+    a, body = load(checkpoint, arch, md5)
+    if a.embedding_size is None:
+        raise ValueError(f"{checkpoint}: {a.name} has no clip embedding to train a head on; use a clip model (Cnn14)")
+    if append:
+        head = WithClassifier(body.classify, head)
+    wave_in = a.inputs != ("logmel",)
+    base = a.spec(None, md5, wave_in, embedding=True)
+    spec = dataclasses.replace(a.spec("fp32", md5, wave_in, True), **spec_fields)
+    inputs = validation_waveforms() if wave_in else validation_inputs(spec=base)
+    reference = reference_outputs(body, inputs, base, head)
+    if a.layout == "cnn14":
+        layout = LAYOUTS["fp32"] if winograd else ({}, NO_WINOGRAD_GROUP, None)
+        form = _describe_layout(layout)
+    else:
+        layout, form = ({}, None, None), "as the PyTorch module (BatchNorm folded by the converter)"
+    data = embed_spec(to_fp32_tflite(body, layout, True, a, base, head), spec)
+    out = run_tflite(data, inputs)
+    entry = _prove("<trained model>", "fp32", form, data, out, reference, GATES["fp32"],
+                   (WAVEFORM_GPU_GATES if wave_in else GPU_GATES)["fp32"], inputs, gpu_check, base)
+    entry["reference"] = f"PyTorch {type(body).__name__} + the trained head, eval mode, float32"
+    if not entry["passed"]:
+        par = entry["parity_vs_pytorch"]
+        raise ValidationError(f"{checkpoint}: the model with the trained head failed validation (corr "
+                              f"{par['min_corr']:.6f}, max|dp| {par['max_abs_diff']:.2e}, graph ok {entry['graph']['passed']}"
+                              + (f", {entry['gpu']['finding']}" if entry.get("gpu", {}).get("finding") else "") + ")")
+    return data, entry
 
 
 def _prove(file: str, precision: str, form: str, data: bytes, out: ModelOutputs, reference: ModelOutputs,

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write one combined file: .jsonl, .csv, .parquet (every score) or Raven selection table .txt")
     t.add_argument("--resume", action="store_true", help="with --output: skip inputs already in FILE")
     t.add_argument("--plot", metavar="PNG", help="draw the timeline of the top classes (one input only)")
-    t.add_argument("--labels", action="store_true", help="print the 527 AudioSet classes (index, MID, name) and exit")
+    t.add_argument("--labels", action="store_true", help="print the classes (index, MID, name) of --model, else AudioSet's 527, and exit")
 
     r = sub.add_parser("corpus", help="tag an archive on Ray Data into a folder of Parquet files ([ray])")
     r.add_argument("paths", nargs="+", metavar="INPUT",
@@ -273,8 +273,20 @@ def _cmd_tag(args) -> int:
     from .errors import ModelError, OptionsError, OutputError
     from .labels import labels
 
-    if args.labels:
-        for lab in labels():
+    if args.labels:  # the classes of --model (a trained head's), else AudioSet's
+        table = labels()
+        if args.model:
+            from .spec import read_spec
+
+            from .errors import ModelError
+
+            try:
+                spec = read_spec(args.model) if Path(args.model).is_file() else None
+            except ModelError as exc:
+                _err(str(exc))
+                return EXIT_FAILED
+            table = spec.labels if spec is not None else table
+        for lab in table:
             print(f"{lab.index}\t{lab.mid}\t{lab.name}")
         return EXIT_OK
     if not args.paths:

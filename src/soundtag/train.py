@@ -171,7 +171,8 @@ def train(args) -> int:
     model_file = out / f"{args.name}.tflite"
     check = _write_checked(model_file, data_bytes, tagger, [embedded[i] for i in val_files[:CHECK_FILES]], fit.head, first)
     report = {"model": str(model_file), "classes": rows, "training": facts, "conversion": entry,
-              "runtime_check": check, "errors": errors, "seconds": round(time.perf_counter() - t0, 1)}
+              "runtime_check": check, "errors": errors, "seconds": round(time.perf_counter() - t0, 1),
+              "split": {"train": [embedded[i][0] for i in train_files], "validation": [embedded[i][0] for i in val_files]}}
     atomic_write_bytes(out / REPORT_FILE, (json.dumps(report, indent=2) + "\n").encode())
     sys.stdout.write(table_text(report))
     sys.stdout.flush()

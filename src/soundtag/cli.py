@@ -278,8 +278,6 @@ def _cmd_tag(args) -> int:
         if args.model:
             from .spec import read_spec
 
-            from .errors import ModelError
-
             try:
                 spec = read_spec(args.model) if Path(args.model).is_file() else None
             except ModelError as exc:

@@ -5,10 +5,11 @@
 # libvulkan1 + mesa-vulkan-drivers give LiteRT's GPU accelerator (WebGPU/Dawn over Vulkan) a device on
 # any machine: Mesa's software GPU, lavapipe. Dawn rejects Debian 12's Mesa 22.3, so on bookworm Mesa
 # comes from bookworm-backports (25.x). alsa-utils and sound-theme-freedesktop carry real recordings (voices,
-# a camera shutter, a phone) that the sound event detection tests mix into scenes with known onsets.
+# a camera shutter, a phone) that the sound event detection tests mix into scenes with known onsets;
+# hydrogen-drumkits (143 MB) carries real drum samples of 14 kits that `soundtag train` is tested on.
 # Runs apt-get as root, else through sudo.
 set -euo pipefail
-PACKAGES=(ffmpeg chromium libportaudio2 libvulkan1 alsa-utils sound-theme-freedesktop)
+PACKAGES=(ffmpeg chromium libportaudio2 libvulkan1 alsa-utils sound-theme-freedesktop hydrogen-drumkits)
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "os-deps: no apt-get here; install these yourself: ${PACKAGES[*]} mesa-vulkan-drivers (Mesa >= 25)" >&2
   exit 0

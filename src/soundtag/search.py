@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'soundtag[train]'"
 METRICS = ("cos", "ip")  # cosine similarity, inner product (usearch's names)
+METRIC_NAMES = {"cos": "cos", "cosine": "cos", "ip": "ip", "dot": "ip"}  # what --metric takes
 HNSW_FILE = "windows.usearch"  # the HNSW index in an index folder
 HNSW_META = "index.json"  # its metric, rows and build parameters
 LOCK_FILE = ".lock"  # one index run per folder
@@ -153,10 +154,11 @@ def exact_scores(vectors: np.ndarray, queries: np.ndarray, metric: str) -> np.nd
     q = np.asarray(queries, dtype=np.float32)
     s = q @ vectors.T
     if metric == "cos":
-        vn = np.maximum(np.linalg.norm(vectors, axis=1), TINY_NORM)
+        vn = np.maximum(np.sqrt(np.einsum("ij,ij->i", vectors, vectors)), TINY_NORM)  # no [rows, dim] temporary
         qn = np.maximum(np.linalg.norm(q, axis=1), TINY_NORM)
         s /= qn[:, None]
         s /= vn[None, :]
+        np.clip(s, -1.0, 1.0, out=s)  # a vector against itself is 1 (ties then go by row), not 1 + rounding
     return s
 
 
@@ -309,6 +311,14 @@ def _seconds(flag: str):
     return parse
 
 
+def _metric(text: str) -> str:
+    import argparse
+
+    if text.lower() not in METRIC_NAMES:
+        raise argparse.ArgumentTypeError(f"choose from cosine, dot (or cos, ip), not {text!r}")
+    return METRIC_NAMES[text.lower()]
+
+
 def add_parsers(sub) -> None:
     from .embeddings import PART_FILES
     from .spec import DEFAULT_WINDOW_S
@@ -323,7 +333,8 @@ def add_parsers(sub) -> None:
     i.add_argument("--model", help="fp32 or int8 .tflite with an embedding output (default: $SOUNDTAG_MODEL, then "
                    "the cache from 'soundtag fetch')")
     i.add_argument("--threads", type=_positive_int("--threads"), help="LiteRT and index threads (default: per core)")
-    i.add_argument("--metric", choices=METRICS, help="HNSW metric: cos (default; or the index's) or ip")
+    i.add_argument("--metric", type=_metric, metavar="{cosine,dot}",
+                   help="HNSW metric: cosine (default; or the index's) or dot (inner product); also cos / ip")
     i.add_argument("--part-files", type=_positive_int("--part-files"), default=PART_FILES, metavar="N",
                    help=f"new files per Parquet part: a killed run loses at most these (default {PART_FILES})")
 
@@ -334,7 +345,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--row", type=int, metavar="N", help="query with row N of the index instead of a file")
     s.add_argument("--at", type=_seconds("--at"), metavar="SECONDS", help="only the query window holding this time")
     s.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K", help=f"hits (default {DEFAULT_TOP})")
-    s.add_argument("--metric", choices=METRICS, help="score: the index's metric (default) or another (brute force)")
+    s.add_argument("--metric", type=_metric, metavar="{cosine,dot}",
+                   help="score: the index's metric (default) or the other (brute force); also cos / ip")
     s.add_argument("--exact", action="store_true", help="brute force over every stored vector (no HNSW)")
     s.add_argument("--format", choices=FORMATS, default="table", help="stdout format (default table)")
     s.add_argument("--clips", metavar="DIR", help="write each hit's segment as DIR/NN_<stem>_<start>.flac")

@@ -10,21 +10,17 @@ import argparse
 import codecs
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
+from .commands import err as _err, finite as _finite
 from .errors import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 TEXT_ERRORS = "soundtag-path"  # stdout/stderr error handler for file names in any locale
 
 
 class UsageError(Exception):
     pass
-
-
-def _err(msg: str) -> None:
-    print(f"soundtag: {msg}", file=sys.stderr, flush=True)
 
 
 def _path_bytes_or_escape(err: UnicodeError):
@@ -44,19 +40,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
-
-
-def _finite(kind: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{kind} must be finite, got {text!r}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionsError, SoundtagError
+from .commands import err, failed as command_failed, finite, positive_int
+from .errors import EXIT_FAILED, EXIT_OK, OptionsError, SoundtagError
 from .files import FileLock, atomic_write_bytes, create_beside, fsync_dir, remove_stale_temps
 from .results import error_reason
 
@@ -281,39 +282,7 @@ def write_clip(target: Path, path: str, start_s: float, end_s: float) -> Path:
 
 
 # --- CLI ------------------------------------------------------------------------------------
-def _err(msg: str) -> None:
-    print(f"soundtag: {msg}", file=sys.stderr, flush=True)
-
-
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
-        return value
-
-    return parse
-
-
-def _seconds(flag: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not np.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{flag} must be finite, got {text!r}")
-        return value
-
-    return parse
-
-
 def _metric(text: str) -> str:
-    import argparse
-
     if text.lower() not in METRIC_NAMES:
         raise argparse.ArgumentTypeError(f"choose from cosine, dot (or cos, ip), not {text!r}")
     return METRIC_NAMES[text.lower()]
@@ -328,14 +297,14 @@ def add_parsers(sub) -> None:
     i.add_argument("--output", "-o", required=True, metavar="INDEX",
                    help="the index folder: Parquet parts of window embeddings + an HNSW index (created, or extended "
                         "with the files not in it yet)")
-    i.add_argument("--hop", type=_seconds("--hop"), default=DEFAULT_WINDOW_S, metavar="SECONDS",
+    i.add_argument("--hop", type=finite("--hop"), default=DEFAULT_WINDOW_S, metavar="SECONDS",
                    help="seconds between windows (default 10)")
     i.add_argument("--model", help="fp32 or int8 .tflite with an embedding output (default: $SOUNDTAG_MODEL, then "
                    "the cache from 'soundtag fetch')")
-    i.add_argument("--threads", type=_positive_int("--threads"), help="LiteRT and index threads (default: per core)")
+    i.add_argument("--threads", type=positive_int("--threads"), help="LiteRT and index threads (default: per core)")
     i.add_argument("--metric", type=_metric, metavar="{cosine,dot}",
                    help="HNSW metric: cosine (default; or the index's) or dot (inner product); also cos / ip")
-    i.add_argument("--part-files", type=_positive_int("--part-files"), default=PART_FILES, metavar="N",
+    i.add_argument("--part-files", type=positive_int("--part-files"), default=PART_FILES, metavar="N",
                    help=f"new files per Parquet part: a killed run loses at most these (default {PART_FILES})")
 
     s = sub.add_parser("search", help="search an index by example: an audio file, one window of it, or a row ([train])")
@@ -343,7 +312,7 @@ def add_parsers(sub) -> None:
                    "model and hop (an index window scores its best match over them)")
     s.add_argument("--index", required=True, metavar="INDEX", help="an index folder of 'soundtag index'")
     s.add_argument("--row", type=int, metavar="N", help="query with row N of the index instead of a file")
-    s.add_argument("--at", type=_seconds("--at"), metavar="SECONDS", help="only the query window holding this time")
+    s.add_argument("--at", type=finite("--at"), metavar="SECONDS", help="only the query window holding this time")
     s.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K", help=f"hits (default {DEFAULT_TOP})")
     s.add_argument("--metric", type=_metric, metavar="{cosine,dot}",
                    help="score: the index's metric (default) or the other (brute force); also cos / ip")
@@ -351,7 +320,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--format", choices=FORMATS, default="table", help="stdout format (default table)")
     s.add_argument("--clips", metavar="DIR", help="write each hit's segment as DIR/NN_<stem>_<start>.flac")
     s.add_argument("--model", help="the index's model at another path (default: where it was when indexed)")
-    s.add_argument("--threads", type=_positive_int("--threads"), help="LiteRT and search threads")
+    s.add_argument("--threads", type=positive_int("--threads"), help="LiteRT and search threads")
 
 
 def main_index(args) -> int:
@@ -369,12 +338,8 @@ def main_index(args) -> int:
         hnsw = HnswOptions(metric=args.metric or (previous or {}).get("metric", "cos"))
         _usearch()
         inputs = list(expand_inputs(args.inputs))
-    except OptionsError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
     except SoundtagError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
+        return command_failed(exc, "index")
     lock = None
     failed = 0
     try:
@@ -389,29 +354,19 @@ def main_index(args) -> int:
         before = len(store)
         for path, error in inputs:
             if error is not None:
-                _err(f"{path}: {error}")
+                err(f"{path}: {error}")
                 failed += 1
         paths = [p for p, e in inputs if e is None]
         ok = 0
         for path, fe, exc in store.embed(tagger, paths, progress=True, part_files=args.part_files):
             if exc is not None:
-                _err(f"{path}: {error_reason(exc)}")
+                err(f"{path}: {error_reason(exc)}")
                 failed += 1
             else:
                 ok += 1
         added, total = sync_hnsw(store, hnsw, threads=args.threads or 0)
-    except OptionsError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except SoundtagError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        _err("interrupted (finished parts are kept; run the same command again to go on)")
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # the run itself (out of memory, disk full): one line
-        _err(f"index failed: {error_reason(exc)}")
-        return EXIT_FAILED
+    except (Exception, KeyboardInterrupt) as exc:
+        return command_failed(exc, "index", "interrupted (finished parts are kept; run the same command again to go on)")
     finally:
         if lock is not None:
             lock.release()
@@ -481,12 +436,8 @@ def main_search(args) -> int:
         if not (Path(args.index) / STORE_FILE).is_file():
             raise SoundtagError(f"no such index (no {STORE_FILE}; build one with 'soundtag index')", args.index)
         _usearch()
-    except OptionsError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
     except SoundtagError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
+        return command_failed(exc, "search")
     try:
         try:
             store = EmbeddingStore.open(args.index)
@@ -499,7 +450,7 @@ def main_search(args) -> int:
         if not args.exact and built is not None and built["metric"] == metric:
             index = load_hnsw(store.directory, store.embedding_size, metric, store.rows)
             if index is not None and len(index) < store.rows:
-                _err(f"{args.index}: the HNSW index has {len(index)} of {store.rows} rows; searching exactly "
+                err(f"{args.index}: the HNSW index has {len(index)} of {store.rows} rows; searching exactly "
                      "(run 'soundtag index' again to extend it)")
                 index = None
         if index is not None:
@@ -507,18 +458,8 @@ def main_search(args) -> int:
         else:
             hits = search_exact(store.matrix(), queries, args.top, metric)
         records = hit_records(store, hits)
-    except OptionsError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except SoundtagError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        _err(f"search failed: {error_reason(exc)}")
-        return EXIT_FAILED
+    except (Exception, KeyboardInterrupt) as exc:
+        return command_failed(exc, "search")
     sys.stdout.write(format_hits(records, args.format))
     sys.stdout.flush()
     return _write_clips(args.clips, records) if args.clips else EXIT_OK
@@ -528,7 +469,7 @@ def _write_clips(folder: str, records: list[dict]) -> int:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
-        _err(f"{folder}: cannot create the clips folder ({exc.strerror or exc})")
+        err(f"{folder}: cannot create the clips folder ({exc.strerror or exc})")
         return EXIT_FAILED
     width = max(2, len(str(len(records))))
     failed = 0
@@ -537,6 +478,6 @@ def _write_clips(folder: str, records: list[dict]) -> int:
             write_clip(Path(folder) / clip_name(r["rank"], r["path"], r["start_s"], width), r["path"], r["start_s"],
                        r["end_s"])
         except Exception as exc:
-            _err(f"{r['path']}: cannot write its clip ({error_reason(exc)})")
+            err(f"{r['path']}: cannot write its clip ({error_reason(exc)})")
             failed += 1
     return EXIT_FAILED if failed else EXIT_OK

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Dataset, read_dataset
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionsError, SoundtagError
+from .commands import err, failed
+from .errors import EXIT_FAILED, EXIT_OK, OptionsError, SoundtagError
 from .files import atomic_write_bytes, create_beside, file_digest
 from .labels import Label, labels as audioset_labels
 
@@ -72,10 +73,6 @@ def add_parser(sub) -> None:
                    help="run the model on LiteRT's GPU against the CPU before writing it (as convert; default auto)")
 
 
-def _err(msg: str) -> None:
-    print(f"soundtag: {msg}", file=sys.stderr, flush=True)
-
-
 @dataclass(frozen=True)
 class Windows:
     """Every embedded window: embedding, labels [n, classes] (0/1), weight, its file's number."""
@@ -89,15 +86,8 @@ class Windows:
 def main(args) -> int:
     try:
         return train(args)
-    except OptionsError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except SoundtagError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        _err("interrupted (embeddings computed so far are kept in the cache; no model written)")
-        return EXIT_INTERRUPTED
+    except (Exception, KeyboardInterrupt) as exc:
+        return failed(exc, "train", "interrupted (embeddings computed so far are kept in the cache; no model written)")
 
 
 def train(args) -> int:
@@ -131,12 +121,12 @@ def train(args) -> int:
     for path, fe, exc in store.embed(tagger, [e.path for e in data.examples], progress=True):
         if fe is None:
             errors.append({"path": path, "error": str(getattr(exc, "reason", None) or exc)})
-            _err(f"{path}: {errors[-1]['error']}")
+            err(f"{path}: {errors[-1]['error']}")
         else:
             embedded.append((path, fe))  # the path as listed (a cached digest may have been stored under another)
     for path, why in data.problems:
         errors.append({"path": path, "error": why})
-        _err(f"{path}: {why}")
+        err(f"{path}: {why}")
     by_path = {e.path: e for e in data.examples}
     examples = [(fe, by_path[path].labels) for path, fe in embedded]
     check_classes(Dataset(data.source, tuple(by_path[path] for path, _ in embedded), data.classes), args.append,
@@ -177,7 +167,7 @@ def train(args) -> int:
     sys.stdout.write(table_text(report))
     sys.stdout.flush()
     if errors:
-        _err(f"{len(errors)} file(s) could not be read (listed in {out / REPORT_FILE}); the model is trained on the rest")
+        err(f"{len(errors)} file(s) could not be read (listed in {out / REPORT_FILE}); the model is trained on the rest")
     return EXIT_FAILED if errors else EXIT_OK
 
 

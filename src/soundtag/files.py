@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import OutputError
@@ -70,8 +70,9 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write a file so that readers see either the old content or the whole new one."""
+def atomic_write_bytes(path: str | Path, data: bytes, verify: Callable[[Path], None] | None = None) -> Path:
+    """Write a file so that readers see either the old content or the whole new one. ``verify``: called
+    with the written temp file before it takes the path; what it raises leaves nothing written."""
     path = Path(path)
     fd, tmp = create_beside(path)
     try:
@@ -79,6 +80,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:

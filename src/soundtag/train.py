@@ -33,7 +33,7 @@ import numpy as np
 from .dataset import Dataset, read_dataset
 from .commands import err, failed
 from .errors import EXIT_FAILED, EXIT_OK, OptionsError, SoundtagError
-from .files import atomic_write_bytes, create_beside, file_digest
+from .files import atomic_write_bytes, file_digest
 from .labels import Label, labels as audioset_labels
 
 log = logging.getLogger(__name__)
@@ -297,18 +297,14 @@ def class_metrics(classes: list[str], y: np.ndarray, p: np.ndarray, w: np.ndarra
 
 
 def _write_checked(model_file: Path, data: bytes, tagger, check_files: list, head, first: int) -> dict:
-    """Write the model beside its place, run it with the runtime on validation files, keep it only if
-    its probabilities equal the trained head's on the stored embeddings, and the embedding it computes
-    equals the stored one; then move it into place (atomic)."""
+    """Write the model atomically, keeping it only if the runtime, run on validation files, gives the
+    trained head's probabilities on their stored embeddings and computes the embedding it was trained on."""
     from .model import Model
     from .tagger import Tagger
 
-    fd, tmp = create_beside(model_file)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    check: dict = {"files": len(check_files)}
+
+    def verify(tmp: Path) -> None:
         runner = Tagger(tagger.options, Model(tmp, num_threads=tagger.options.threads))
         got, want, emb_diff = [], [], 0.0
         for path, fe in check_files:
@@ -316,21 +312,19 @@ def _write_checked(model_file: Path, data: bytes, tagger, check_files: list, hea
             got.append(result.window_scores[:, first:])
             want.append(head.numpy(fe.embeddings))
             emb_diff = max(emb_diff, float(np.max(np.abs(result.window_embeddings - fe.embeddings))))
-        check = {"files": len(check_files), "embedding_max_abs_diff": emb_diff}
-        if check_files:
-            g, h = np.concatenate(got).ravel().astype(np.float64), np.concatenate(want).ravel()
-            corr = float(np.corrcoef(g, h)[0, 1]) if g.std() > 0 and h.std() > 0 else float(np.allclose(g, h, atol=1e-6))
-            check.update(min_corr=corr, max_abs_diff=float(np.max(np.abs(g - h))))
-            ok = corr >= CHECK_MIN_CORR and check["max_abs_diff"] <= CHECK_MAX_ABS_DIFF and emb_diff <= EMBEDDING_MAX_ABS_DIFF
-            if not ok:
-                raise SoundtagError(f"the written model disagrees with the trained head on validation files (corr "
-                                    f"{corr:.6f}, max|dp| {check['max_abs_diff']:.2e}, embedding max|d| {emb_diff:.2e}); "
-                                    "not kept", str(model_file))
-        os.replace(tmp, model_file)
-        return check
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        check["embedding_max_abs_diff"] = emb_diff
+        if not check_files:
+            return
+        g, h = np.concatenate(got).ravel().astype(np.float64), np.concatenate(want).ravel()
+        corr = float(np.corrcoef(g, h)[0, 1]) if g.std() > 0 and h.std() > 0 else float(np.allclose(g, h, atol=1e-6))
+        check.update(min_corr=corr, max_abs_diff=float(np.max(np.abs(g - h))))
+        if corr < CHECK_MIN_CORR or check["max_abs_diff"] > CHECK_MAX_ABS_DIFF or emb_diff > EMBEDDING_MAX_ABS_DIFF:
+            raise SoundtagError(f"the written model disagrees with the trained head on validation files (corr "
+                                f"{corr:.6f}, max|dp| {check['max_abs_diff']:.2e}, embedding max|d| {emb_diff:.2e}); "
+                                "not kept", str(model_file))
+
+    atomic_write_bytes(model_file, data, verify)
+    return check
 
 
 def table_text(report: dict) -> str:

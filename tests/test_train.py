@@ -227,3 +227,24 @@ def test_train_refuses_bad_data_with_one_line_and_writes_nothing(case, tmp_path,
     rc, _, stderr = run("train", str(root), "--output", str(out), *extra)
     assert rc == 2 and want in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not out.exists()
+
+
+def test_trained_model_runs_on_the_gpu_like_the_cpu(trained):
+    """Body + head on LiteRT's GPU accelerator (lavapipe in CI): fully accelerated, its probabilities and
+    embedding on the probe equal to the CPU run within the fp32 GPU gate (measured: max|dp| 1.3e-5)."""
+    from soundtag.convert.validate import GPU_GATES, pearson
+    from soundtag.model import Cnn14Model, gpu_missing, probe_input
+
+    missing = gpu_missing()
+    if missing:
+        if os.environ.get("SOUNDTAG_REQUIRE_GPU") == "1":
+            pytest.fail(f"SOUNDTAG_REQUIRE_GPU=1 but LiteRT's GPU accelerator cannot run here: {missing}")
+        pytest.skip(f"no GPU accelerator: {missing}")
+    path = trained[0] / "custom.tflite"
+    gpu = Cnn14Model(path, accelerator="gpu", gpu_precision="fp32")
+    assert gpu.accelerator == "gpu" and gpu.gpu.fully_accelerated
+    x = probe_input(gpu.spec)
+    (want, want_emb), (got, got_emb) = Cnn14Model(path).run(x), gpu.run(x)
+    gate = GPU_GATES["fp32"]["fp32"]
+    assert pearson(want, got) >= gate["min_corr"] and float(np.max(np.abs(want - got))) <= gate["max_abs_diff"]
+    assert pearson(want_emb, got_emb) >= gate["min_corr"]

@@ -35,6 +35,7 @@ from .commands import err, failed
 from .errors import EXIT_FAILED, EXIT_OK, OptionsError, SoundtagError
 from .files import atomic_write_bytes, file_digest
 from .labels import Label, labels as audioset_labels
+from .results import error_reason
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def train(args) -> int:
     embedded, errors = [], []
     for path, fe, exc in store.embed(tagger, [e.path for e in data.examples], progress=True):
         if fe is None:
-            errors.append({"path": path, "error": str(getattr(exc, "reason", None) or exc)})
+            errors.append({"path": path, "error": error_reason(exc)})
             err(f"{path}: {errors[-1]['error']}")
         else:
             embedded.append((path, fe))  # the path as listed (a cached digest may have been stored under another)
@@ -136,12 +137,9 @@ def train(args) -> int:
     train_files, val_files = split_files([labs for _, labs in examples], classes, args.val_split, args.seed)
     tr, va = np.isin(win.file, train_files), np.isin(win.file, val_files)
     fit = fit_head(win.x[tr], win.y[tr], win.w[tr], win.x[va], win.y[va], win.w[va], args.hidden, args.seed)
-    val_probs = fit.head.numpy(win.x[va])
-    def files_with(c: str, numbers: list[int]) -> int:
-        return sum(c in examples[i][1] for i in numbers)
-
-    rows = class_metrics(classes, win.y[va], val_probs, win.w[va], [files_with(c, train_files) for c in classes],
-                         [files_with(c, val_files) for c in classes])
+    rows = class_metrics(classes, win.y[va], fit.head.numpy(win.x[va]), win.w[va],
+                         [sum(c in examples[i][1] for i in train_files) for c in classes],
+                         [sum(c in examples[i][1] for i in val_files) for c in classes])
     first = len(spec.labels) if args.append else 0
     labels = (spec.labels if args.append else ()) + tuple(
         Label(first + i, CUSTOM_MID_PREFIX + c, c) for i, c in enumerate(classes))

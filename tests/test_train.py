@@ -126,11 +126,24 @@ def test_head_matches_scikit_learn_beats_the_baseline_and_sees_its_training_embe
     assert np.mean(ours) >= np.mean(prevalence) + BASELINE_MARGIN, (ours, prevalence)
 
 
-def test_trained_model_tags_and_evals_held_out_kits(trained, tmp_path):
+def test_trained_model_tags_and_evals_held_out_kits(trained, tmp_path, monkeypatch):
     out, _, _, _ = trained
     test = drum_dataset(tmp_path / "test", TEST_KITS, 3)
     rc, stdout, stderr = run("tag", str(test / "cymbal"), "--model", str(out / "custom.tflite"), "--format", "jsonl")
     assert rc == 0, stderr
+    import matplotlib.figure
+
+    ticks, save = [], matplotlib.figure.Figure.savefig
+
+    def grab(fig, *a, **k):
+        ticks.extend(t.get_text() for t in fig.axes[0].get_yticklabels())
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", grab)
+    one = sorted((test / "cymbal").iterdir())[0]
+    rc, _, stderr = run("tag", str(one), "--model", str(out / "custom.tflite"), "--plot", str(tmp_path / "t.png"))
+    assert rc == 0 and (tmp_path / "t.png").stat().st_size > 1000, stderr
+    assert sorted(ticks) == CLASSES  # the head's 4 classes, named as its labels
     recs = [json.loads(line) for line in stdout.splitlines()]
     assert recs and all(c["label"] in CLASSES and c["mid"] == "custom:" + c["label"] for r in recs for c in r["tags"])
     assert sum(r["tags"][0]["label"] == "cymbal" for r in recs if r["tags"]) >= len(recs) // 2  # mostly right

@@ -36,7 +36,9 @@ def plot_timeline(result: TagResult, path: str | Path, n_classes: int = PLOT_CLA
     if result.timeline is not None and spec is not None and result.path:
         return plot_sed(result, path, spec)
     plt = _pyplot()
+    table = spec.labels if spec is not None else labels()  # a trained head's classes, else AudioSet's
     top = np.argsort(-result.clip_scores)[:n_classes]
+    n_classes = len(top)  # a model with fewer classes: all of them
     scores = result.window_scores[:, top].T  # [classes, windows]
     starts = result.window_starts_s
     hop = float(starts[1] - starts[0]) if starts.size > 1 else WINDOW_S
@@ -44,7 +46,7 @@ def plot_timeline(result: TagResult, path: str | Path, n_classes: int = PLOT_CLA
     fig, ax = plt.subplots(figsize=(10, 0.45 * n_classes + 1.5), constrained_layout=True)
     im = ax.imshow(scores, aspect="auto", origin="upper", cmap="viridis", vmin=0, vmax=1,
                    extent=(0, end, n_classes - 0.5, -0.5), interpolation="nearest")
-    ax.set_yticks(range(len(top)), [labels()[i].name for i in top])
+    ax.set_yticks(range(len(top)), [table[i].name for i in top])
     ax.set_xlabel("time (s); each column is a window starting there")
     ax.set_title(f"{Path(result.path).name if result.path else 'waveform'}: top {n_classes} classes over time")
     fig.colorbar(im, ax=ax, label="probability")

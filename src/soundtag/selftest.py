@@ -45,6 +45,9 @@ def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precis
         report.update(gpu_precision=g.precision, backend=g.backend, adapter=g.adapter, adapter_type=g.adapter_type,
                       fully_accelerated=g.fully_accelerated,
                       parity_vs_cpu={k: g.probe[k] for k in ("corr", "max_abs_diff", "gate")})
+    elif model.openvino is not None:
+        report.update(backend="OpenVINO CPU plugin (LiteRT's Intel OpenVINO dispatch)", fully_accelerated=True,
+                      parity_vs_cpu={k: model.openvino[k] for k in ("corr", "max_abs_diff", "gate")})
     else:
         report.update(backend="XNNPACK (CPU)", fully_accelerated=None, parity_vs_cpu=None)
     x = probe_input(model.spec)
@@ -101,7 +104,13 @@ def format_table(report: dict) -> str:
             ("model precision", report.get("precision", "-"))]
     if report.get("fallback_reason"):
         rows.append(("GPU not used", report["fallback_reason"]))
-    if report.get("accelerator") == "gpu":
+    if report.get("accelerator") == "openvino":
+        par = report["parity_vs_cpu"]
+        gate = par["gate"]
+        rows += [("backend", report["backend"]),
+                 ("parity vs XNNPACK", f"corr {par['corr']:.7f}, max|dp| {par['max_abs_diff']:.2e} "
+                                       f"(gate corr >= {gate['min_corr']}, max|dp| <= {gate['max_abs_diff']})")]
+    elif report.get("accelerator") == "gpu":
         par = report["parity_vs_cpu"]
         rows += [("GPU precision", report["gpu_precision"]), ("backend", report["backend"]),
                  ("adapter", f"{report['adapter']} ({report['adapter_type']})"),

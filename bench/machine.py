@@ -22,5 +22,6 @@ def cpu_line() -> str:
     model = info.get("model name") or platform.processor()
     if info.get("cpu family") and info.get("model"):
         model += f" (family {info['cpu family']}, model {info['model']})"
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+                          "amx_bf16", "amx_int8") if f in flags]
     return f"{model or platform.machine()}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'none of avx2/avx512'}"

@@ -198,9 +198,8 @@ def _add_accelerator_options(p: argparse.ArgumentParser) -> None:
     from .model import ACCELERATORS, GPU_PRECISIONS
 
     p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu",
-                   help="cpu (default: XNNPACK), gpu (LiteRT's GPU accelerator; fails if none runs the model "
-                        "correctly), auto (the GPU when it passes its probe, else the CPU) or openvino (the CPU "
-                        "through LiteRT's OpenVINO dispatch, after its probe; pip install 'soundtag[openvino]')")
+                   help="cpu (default), gpu (LiteRT's GPU accelerator; fails if none runs the model correctly) "
+                        "or auto (the GPU when it passes its probe, else the CPU)")
     p.add_argument("--gpu-precision", choices=GPU_PRECISIONS,
                    help="GPU arithmetic (default: fp16 for the fp16 log-mel model, fp32 for the others)")
 

@@ -49,10 +49,7 @@ from .spec import CNN14, ModelSpec, from_signature, read_spec
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # XNNPACK threads; one per core up to 4
-# "auto": the GPU when it loads and passes the probe, else the CPU. "openvino" (issue #22): the CPU through
-# LiteRT's Intel OpenVINO dispatch (OpenVINO's CPU plugin: AMX/VNNI kernels, bf16 where the CPU has it),
-# accepted only after its probe; on CPUs with AMX it runs the int8 model 2.2x XNNPACK's speed.
-ACCELERATORS = ("cpu", "gpu", "auto", "openvino")
+ACCELERATORS = ("cpu", "gpu", "auto")  # "auto": the GPU when it loads and passes the probe, else the CPU
 # `convert --gpu-check` (issue #18): what a GPU check means for writing the models. A machine without a
 # usable GPU (NoGpuError: parts missing, or no adapter that Dawn accepts) is recorded and never stops a
 # conversion unless "require"; a GPU that loads and disagrees with the CPU is a finding about that
@@ -64,13 +61,6 @@ GPU_PRECISIONS = ("fp16", "fp32")  # the GPU's arithmetic; None: fp16 for the fp
 # tight enough to refuse a broken device or driver (zeros, garbage, a dropped layer).
 PROBE_GATES = {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.999, "max_abs_diff": 0.05}}
 WEBGPU_LIBRARY = "libLiteRtWebGpuAccelerator.so"
-# The OpenVINO runtime ai-edge-litert 2.3's Intel OpenVINO dispatch links (OpenVINO 2026.3.x), and its
-# probe gates vs XNNPACK on the same file: the converter's gates for the model's precision. Measured here
-# (Xeon, AMX-BF16/INT8): int8 corr 0.99939 (kept), fp16 0.99967 (refused: bf16 arithmetic), and the
-# Winograd fp32 model corr -0.09 (refused: a silent wrong answer, so never trust it unprobed).
-OPENVINO_SONAME = "libopenvino.so.2631"
-OPENVINO_GATES = {"fp32": {"min_corr": 0.99999, "max_abs_diff": 1e-4}, "fp16": {"min_corr": 0.9999, "max_abs_diff": None},
-                  "int8": {"min_corr": 0.998, "max_abs_diff": None}}
 # What Dawn says when the Vulkan loader and a driver file exist but no device is usable (a driver for
 # absent hardware; Debian 12's Mesa 22.3 lavapipe, which Dawn rejects): a machine without a GPU.
 NO_ADAPTER_PATTERN = r"No adapters found"
@@ -100,9 +90,7 @@ class Model:
 
     ``accelerator``: "cpu" (default), "gpu" (ModelError naming what is missing when no GPU runs it
     correctly) or "auto" (the GPU if it loads, is fully accelerated and passes the probe; else the
-    CPU with one warning) or "openvino" (the CPU through LiteRT's Intel OpenVINO dispatch, accepted
-    after its probe against XNNPACK; ModelError naming what is missing or how far it is off).
-    ``gpu_precision``: "fp16" or "fp32"; None takes the model's own.
+    CPU with one warning). ``gpu_precision``: "fp16" or "fp32"; None takes the model's own.
     ``weight_cache``: run the CPU from XNNPACK's weight cache file (the module docstring); False takes
     the Interpreter, whose runs release the GIL, so several models in one process run at once (serve)."""
 
@@ -157,11 +145,7 @@ class Model:
         self.input_kind = self.spec.input
         self._gpu: _GpuRunner | None = None
         self.accelerator, self.gpu, self.fallback_reason = "cpu", None, None
-        self.openvino: dict | None = None  # the OpenVINO runner's probe, where it runs the model
-        if accelerator == "openvino":
-            runner = _OpenVinoRunner(source, name, self._cpu, self.precision, threads)
-            self._cpu, self.accelerator, self.openvino = runner, "openvino", runner.probe
-        elif accelerator != "cpu":
+        if accelerator != "cpu":
             # the fp16 log-mel model runs in the GPU's fp16 mode by default; a waveform model's in-graph
             # front end needs fp32 arithmetic (see convert/validate.py WAVEFORM_GPU_GATES)
             precision = gpu_precision or ("fp16" if self.precision == "fp16" and self.input_kind == "logmel" else "fp32")
@@ -402,94 +386,6 @@ def weight_cache_file(model_path: str | Path, directory: Path) -> Path:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     key = "|".join((real, str(st.st_size), str(st.st_mtime_ns), version("ai-edge-litert"), flags.strip()))
     return Path(directory) / f"{Path(real).stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.xnnpack"
-
-
-def openvino_missing() -> str | None:
-    """What stops LiteRT's Intel OpenVINO dispatch here, in words; None once its runtime is loaded.
-
-    The dispatch opens OpenVINO's libraries by soname (OPENVINO_SONAME for ai-edge-litert 2.3; read
-    from the dispatch itself, so another LiteRT names its own); pip's openvino keeps them in its
-    package, off the loader's path, so they are loaded here first (RTLD_GLOBAL) and the dispatch's
-    dlopen finds them by soname."""
-    import importlib.util
-
-    import ai_edge_litert
-
-    dispatch = Path(ai_edge_litert.__file__).parent / "vendors" / "intel_openvino" / "dispatch" / "libLiteRtDispatch_IntelOpenvino.so"
-    try:
-        needed = sorted(set(re.findall(rb"libopenvino[a-z_]*\.so\.\d+", dispatch.read_bytes())), key=len)
-    except OSError:
-        return f"this ai-edge-litert has no Intel OpenVINO dispatch ({dispatch.name})"
-    sonames = [n.decode() for n in needed] or [OPENVINO_SONAME]
-    digits = sonames[0].rsplit(".", 1)[1]
-    release = f"20{digits[:2]}.{digits[2]}.{digits[3:]}" if len(digits) >= 4 else digits  # 2631: 2026.3.1
-    found = importlib.util.find_spec("openvino")
-    libs = next((Path(d) / "libs" for d in (found.submodule_search_locations or [])), None) if found else None
-    if libs is None or not (libs / sonames[0]).is_file():
-        return (f"OpenVINO's runtime {sonames[0]} is not installed (pip install 'soundtag[openvino]': OpenVINO "
-                f"{release}, the release LiteRT's dispatch was built against)")
-    for soname in sonames:
-        if (libs / soname).is_file():
-            try:
-                ctypes.CDLL(str(libs / soname), mode=ctypes.RTLD_GLOBAL)
-            except OSError as exc:
-                return f"OpenVINO's runtime {libs / soname} does not load: {exc}"
-    return None
-
-
-class _OpenVinoRunner(_CompiledRunner):
-    """LiteRT's CompiledModel through its Intel OpenVINO dispatch on the CPU, proven like the GPU: the
-    speech clip and a noise window against XNNPACK on the same file, held to OPENVINO_GATES."""
-
-    def __init__(self, source: dict, name: str, cpu: _CpuRunner, precision: str, threads: int) -> None:
-        missing = openvino_missing()
-        if missing:
-            raise ModelError(f"no OpenVINO: {missing}", name)
-        from ai_edge_litert.compiled_model import CompiledModel
-        from ai_edge_litert.options import HardwareAccelerator, IntelOpenVinoGraphBackend, IntelOpenVinoOptions, Options
-
-        options = Options(hardware_accelerators=HardwareAccelerator.NPU | HardwareAccelerator.CPU,
-                          intel_openvino_options=IntelOpenVinoOptions(graph_backend=IntelOpenVinoGraphBackend.CPU))
-        self.spec = cpu.spec
-        self._data = source.get("model_content")  # kept alive for the compiled model's lifetime
-        with _native_log() as logged:
-            try:
-                if self._data is not None:
-                    model = CompiledModel.from_buffer(self._data, options=options)
-                else:
-                    model = CompiledModel.from_file(source["model_path"], options=options)
-            except RuntimeError:
-                model = None
-        if model is None:
-            said = next((line for line in logged.text.splitlines() if "ERROR" in line or "rror" in line), "no details logged")
-            raise ModelError(f"LiteRT's OpenVINO dispatch failed to load it: {' '.join(said.split())}", name)
-        self._bind(model, name)
-        if not model.is_fully_accelerated():
-            raise ModelError("LiteRT's OpenVINO dispatch does not run the whole model", name)
-        self.probe = self._probe(cpu, precision, name)
-
-    def _probe(self, cpu: _CpuRunner, precision: str, name: str) -> dict:
-        speech = probe_input(cpu.spec)
-        noise = np.random.default_rng(0).standard_normal(speech.size).astype(np.float32)
-        if cpu.spec.input == "logmel":  # a noise window's log-mel, not noise as log-mel
-            noise = features.logmel(0.1 * np.random.default_rng(0).standard_normal(cpu.spec.window_samples),
-                                    cpu.spec.front_end).astype(np.float32)
-        gate = OPENVINO_GATES[precision]
-        corrs, diffs = [], []
-        with _native_log():
-            for x in (speech, noise.reshape(speech.shape)):
-                want, _ = cpu.run(x)
-                got, _ = self.run(x)
-                if not np.isfinite(got).all() or got.min() < 0 or got.max() > 1:
-                    raise ModelError("OpenVINO returned non-finite or out-of-range probabilities on the probe", name)
-                corrs.append(float(np.corrcoef(want.astype(np.float64), got.astype(np.float64))[0, 1]))
-                diffs.append(float(np.max(np.abs(want.astype(np.float64) - got))))
-        corr, diff = min(corrs), max(diffs)
-        result = {"inputs": ["speech_espeak.flac", "noise"], "corr": corr, "max_abs_diff": diff, "gate": gate}
-        if not (corr >= gate["min_corr"] and (gate["max_abs_diff"] is None or diff <= gate["max_abs_diff"])):
-            raise ModelError(f"OpenVINO differs from XNNPACK on the probe: corr {corr:.6f} (gate {gate['min_corr']}), "
-                             f"max|dp| {diff:.2e}; this {precision} model runs on XNNPACK (--accelerator cpu)", name)
-        return result
 
 
 class _GpuRunner(_CompiledRunner):

@@ -37,7 +37,7 @@ def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precis
         report["error"] = str(exc)
         return report
     report.update(accelerator=model.accelerator, precision=model.precision, input=model.input_kind,
-                  spec=model.spec.summary())
+                  spec=model.spec.summary(), cpu=cpu_facts())
     if model.fallback_reason:
         report["fallback_reason"] = model.fallback_reason
     if model.gpu is not None:
@@ -45,9 +45,6 @@ def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precis
         report.update(gpu_precision=g.precision, backend=g.backend, adapter=g.adapter, adapter_type=g.adapter_type,
                       fully_accelerated=g.fully_accelerated,
                       parity_vs_cpu={k: g.probe[k] for k in ("corr", "max_abs_diff", "gate")})
-    elif model.openvino is not None:
-        report.update(backend="OpenVINO CPU plugin (LiteRT's Intel OpenVINO dispatch)", fully_accelerated=True,
-                      parity_vs_cpu={k: model.openvino[k] for k in ("corr", "max_abs_diff", "gate")})
     else:
         report.update(backend="XNNPACK (CPU)", fully_accelerated=None, parity_vs_cpu=None)
     x = probe_input(model.spec)
@@ -67,6 +64,20 @@ def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precis
                   ms_per_window=round(1000 * float(np.median(times)), 1), runs=runs, passed=True)
     record_measurement(path, report)
     return report
+
+
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
+                "asimd", "asimddp", "sve")  # what moves the CPU kernels (bench/peers.py: OpenVINO uses AMX, XNNPACK not)
+
+
+def cpu_facts() -> dict:
+    """The CPU's features that choose XNNPACK's kernels (its fp32 path uses none of AMX; issue #22)."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith(("flags", "Features"))), "")
+            flags = set(line.partition(":")[2].split())
+    return {"features": [f for f in CPU_FEATURES if f in flags]}
 
 
 def record_measurement(path: Path, report: dict) -> None:
@@ -100,17 +111,13 @@ def format_table(report: dict) -> str:
         fe = s["front_end"]
         rows.append(("architecture", f"{s['architecture']} ({s['input']} in, {fe['sample_rate']} Hz, "
                                      f"{s['window_s']:g} s windows, {s['classes']} classes; spec from {s['spec_from']})"))
+    if "cpu" in report:
+        rows.append(("CPU features", " ".join(report["cpu"]["features"]) or "-"))
     rows += [("accelerator", report.get("accelerator", "-")),
             ("model precision", report.get("precision", "-"))]
     if report.get("fallback_reason"):
         rows.append(("GPU not used", report["fallback_reason"]))
-    if report.get("accelerator") == "openvino":
-        par = report["parity_vs_cpu"]
-        gate = par["gate"]
-        rows += [("backend", report["backend"]),
-                 ("parity vs XNNPACK", f"corr {par['corr']:.7f}, max|dp| {par['max_abs_diff']:.2e} "
-                                       f"(gate corr >= {gate['min_corr']}, max|dp| <= {gate['max_abs_diff']})")]
-    elif report.get("accelerator") == "gpu":
+    if report.get("accelerator") == "gpu":
         par = report["parity_vs_cpu"]
         rows += [("GPU precision", report["gpu_precision"]), ("backend", report["backend"]),
                  ("adapter", f"{report['adapter']} ({report['adapter_type']})"),

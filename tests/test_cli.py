@@ -226,3 +226,12 @@ def test_cli_says_model_precision(models, clips, capsys, precision):
     code, out, err = run(capsys, "tag", clips[0], "--model", model, "--format", "jsonl")
     assert code == 0 and f"model {model} ({precision})" in err
     assert json.loads(out)["tags"]
+
+
+def test_version(capsys):
+    """`soundtag --version` prints the version pyproject.toml declares, exit 0."""
+    import tomllib
+
+    want = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"soundtag {want}"

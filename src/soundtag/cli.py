@@ -42,6 +42,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
+def _version() -> str:
+    """The installed distribution's version (the wheel's), else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("soundtag")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .scoring import AGGREGATES
     from .spec import DEFAULT_WINDOW_S as WINDOW_S
@@ -49,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="soundtag", description="AudioSet sound-event tagging with PANNs CNN14 on LiteRT.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    p.add_argument("--version", action="version", version=f"soundtag {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tag", help="tag audio files, folders or @lists of paths")

@@ -194,8 +194,11 @@ def child(key: str, inputs: Path, rounds: int, out: Path) -> None:
             t = time.perf_counter()
             r(x[None])
             times.append(time.perf_counter() - t)
+    import resource
+
     np.save(out.with_suffix(".npy"), outputs)
-    out.write_text(json.dumps({"name": r.name, "times": times}))
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out.write_text(json.dumps({"name": r.name, "times": times, "peak_rss_mib": peak_mib}))
 
 
 def _spawn(*args: str) -> dict | None:
@@ -213,6 +216,7 @@ def per_window(keys: list[str], inputs: list[np.ndarray], rounds: int, passes: i
     np.save(work / "inputs.npy", np.concatenate(inputs))
     times: dict[str, list[float]] = {}
     names: dict[str, str] = {}
+    peaks: dict[str, float] = {}
     for p in range(passes):
         for key in keys[p % len(keys):] + keys[: p % len(keys)]:
             got = _spawn("--child", key, str(work / "inputs.npy"), str(rounds), str(work / f"{key}.json"))
@@ -220,6 +224,7 @@ def per_window(keys: list[str], inputs: list[np.ndarray], rounds: int, passes: i
                 continue
             names[key] = got["name"]
             times.setdefault(key, []).extend(got["times"])
+            peaks[key] = max(peaks.get(key, 0.0), got["peak_rss_mib"])
     outputs = {k: list(np.load(work / f"{k}.npy").astype(np.float64)) for k in times}
     ref = outputs[keys[0]]
     rows = []
@@ -229,6 +234,7 @@ def per_window(keys: list[str], inputs: list[np.ndarray], rounds: int, passes: i
             "runtime": names[key],
             "ms_per_window": 1000 * float(np.median(times[key])),
             "p10_p90_ms": [1000 * float(np.percentile(times[key], q)) for q in (10, 90)],
+            "peak_rss_mib": peaks[key],  # the whole process: the runtime, its model, Python, numpy (+ torch for some)
             "min_corr": min(float(np.corrcoef(a, b)[0, 1]) for a, b in zip(ref, got)),
             "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(ref, got)),
             "top1_agree": sum(int(np.argmax(a) == np.argmax(b)) for a, b in zip(ref, got)),
@@ -344,12 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {cpu_line()}; {THREADS} threads per runtime; each runtime in its own process, "
               f"{args.passes} passes x {args.rounds} rounds, medians", flush=True)
         rows = per_window(keys, window_inputs(clips), args.rounds, args.passes, work)
-        print("\n| runtime | ms / window (p10-p90) | vs PyTorch | min corr vs PyTorch | max abs diff | top-1 as PyTorch |")
-        print("|---|---|---|---|---|---|")
+        print("\n| runtime | ms / window (p10-p90) | vs PyTorch | min corr vs PyTorch | max abs diff | top-1 as PyTorch | peak RSS MiB |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
             lo, hi = r["p10_p90_ms"]
             print(f"| {r['runtime']} | {r['ms_per_window']:.1f} ({lo:.0f}-{hi:.0f}) | {r['vs_torch']:.2f}x | "
-                  f"{r['min_corr']:.6f} | {r['max_abs_diff']:.1e} | {r['top1_agree']}/{r['windows']} |", flush=True)
+                  f"{r['min_corr']:.6f} | {r['max_abs_diff']:.1e} | {r['top1_agree']}/{r['windows']} | {r['peak_rss_mib']:.0f} |",
+                  flush=True)
         e2e = []
         if not args.skip_e2e:
             e2e_keys = [k for k in keys if k in ("ort-fp32", "ov-f32", "ov-default") or k.startswith("st-") and k != "st-fp16"]

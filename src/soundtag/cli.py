@@ -42,6 +42,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: the version is looked up only when asked for, not at every start."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help="print the version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"soundtag {_version()}")
+        parser.exit(0)
+
+
 def _version() -> str:
     """The installed distribution's version (the wheel's), else the package's own."""
     from importlib.metadata import PackageNotFoundError, version
@@ -61,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="soundtag", description="AudioSet sound-event tagging with PANNs CNN14 on LiteRT.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
-    p.add_argument("--version", action="version", version=f"soundtag {_version()}")
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tag", help="tag audio files, folders or @lists of paths")

@@ -119,7 +119,7 @@ class LiteRtOpenVino:
     """A soundtag model file through ai-edge-litert 2.3's Intel OpenVINO dispatch (OpenVINO's CPU plugin)
     instead of XNNPACK. Measured, not shipped: on the fp32 Winograd graph it returns a wrong answer
     (corr -0.09), on fp16 it runs bf16 (corr 0.999), and on int8 real drum hits come out at corr 0.9961
-    vs PyTorch against XNNPACK int8's 0.9979 (README, Speed and memory)."""
+    vs PyTorch against XNNPACK int8's 0.9979 (docs/speed.md)."""
 
     def __init__(self, path: Path, name: str) -> None:
         import ctypes

@@ -164,9 +164,24 @@ def downmix(block: np.ndarray) -> np.ndarray:
     return mono
 
 
-def load_audio(source, max_duration_s: float = DEFAULT_MAX_DURATION_S, sample_rate: int = CNN14.sample_rate
+def load_audio(source: str | os.PathLike | BinaryIO, max_duration_s: float = DEFAULT_MAX_DURATION_S,
+               sample_rate: int = CNN14.sample_rate
                ) -> tuple[np.ndarray, AudioInfo, float]:
-    """Whole file as float32 mono at ``sample_rate``, with its info and source duration in seconds."""
+    """Decode a whole file into memory (for long files, iterate an `AudioStream` instead).
+
+    Args:
+        source: A path, or a seekable binary file object.
+        max_duration_s: Refuse inputs that declare or decode to more seconds than this.
+        sample_rate: The rate to resample to (a model's `spec.sample_rate`).
+
+    Returns:
+        `(samples, info, duration_s)`: float32 mono samples at `sample_rate`, what the container
+        declares (`AudioInfo`), and the decoded duration at the source rate in seconds.
+
+    Raises:
+        AudioError: Missing, empty, truncated, non-audio or hostile input, or NaN/Inf samples.
+        TooLongError: Longer than `max_duration_s`.
+    """
     stream = AudioStream(source, max_duration_s=max_duration_s, sample_rate=sample_rate)
     blocks = list(stream)
     return np.concatenate(blocks), stream.info, stream.duration_s

@@ -90,10 +90,20 @@ def _mel_basis_sparse(fe: FrontEnd):
 
 
 def logmel(waveform: np.ndarray, fe: FrontEnd = CNN14_FRONT_END, workers: int = 1) -> np.ndarray:
-    """Log-mel spectrogram of a mono waveform at the front end's sample rate.
+    """Log-mel spectrogram of a mono waveform, as torchlibrosa computes it for PANNs.
 
-    Returns float32 [1 + len // hop, n_mels] in dB (ref 1.0, floor -100 dB).
-    For CNN14's 10 s window (320 000 samples at 32 kHz) that is [1001, 64].
+    Args:
+        waveform: 1-D samples at the front end's sample rate.
+        fe: The front end (a model's `spec.front_end`; default CNN14's: 32 kHz, n_fft 1024, hop 320,
+            64 mels from 50 to 14 000 Hz).
+        workers: scipy.fft workers.
+
+    Returns:
+        float32 [1 + len // hop, n_mels] in dB (ref 1.0, floor -100 dB); for CNN14's 10 s window
+        (320 000 samples at 32 kHz) that is [1001, 64].
+
+    Raises:
+        ValueError: Not 1-D, or not longer than half an FFT frame.
     """
     x = np.asarray(waveform)
     if x.ndim != 1:

@@ -28,7 +28,11 @@ class Label:
 
 @lru_cache(maxsize=1)
 def labels() -> tuple[Label, ...]:
-    """All classes, row = class index."""
+    """The 527 AudioSet classes (a model's own labels are in its `spec.labels`).
+
+    Returns:
+        A `Label(index, mid, name)` per class, row = class index.
+    """
     text = resources.files("soundtag.assets").joinpath(LABELS_FILE).read_text(encoding="utf-8")
     rows = list(csv.DictReader(io.StringIO(text)))
     out = tuple(Label(int(r["index"]), r["mid"], r["display_name"]) for r in rows)

@@ -92,7 +92,25 @@ class Model:
     correctly) or "auto" (the GPU if it loads, is fully accelerated and passes the probe; else the
     CPU with one warning). ``gpu_precision``: "fp16" or "fp32"; None takes the model's own.
     ``weight_cache``: run the CPU from XNNPACK's weight cache file (the module docstring); False takes
-    the Interpreter, whose runs release the GIL, so several models in one process run at once (serve)."""
+    the Interpreter, whose runs release the GIL, so several models in one process run at once (serve).
+
+    Args:
+        path: The .tflite file (any model `soundtag convert` writes, or the model card's fp16 file).
+        num_threads: LiteRT CPU threads; None: one per core, up to 4.
+        accelerator: "cpu", "gpu" or "auto" (above).
+        gpu_precision: "fp16" or "fp32" on the GPU; None: the model's own.
+        weight_cache: Map XNNPACK's packed weights from a file shared between processes.
+
+    Attributes:
+        path: The model file.
+        spec: What the model is (`ModelSpec`), read from the file's metadata or its signature.
+        precision: "fp32", "fp16" or "int8".
+        accelerator: Where it runs after the probe: "cpu" or "gpu".
+
+    Raises:
+        ModelError: Missing, not a LiteRT model, a signature no PANNs model has, a spec that
+            disagrees with the tensors, or (with "gpu") no GPU that runs it correctly.
+    """
 
     def __init__(self, path: str | Path, num_threads: int | None = None, accelerator: str = "cpu",
                  gpu_precision: str | None = None, weight_cache: bool = True) -> None:
@@ -166,8 +184,15 @@ class Model:
         return (self._gpu or self._cpu).has_embedding
 
     def features(self, wave: np.ndarray) -> np.ndarray:
-        """The model's input for one window of samples at its rate (``spec.window_samples`` at
-        ``spec.sample_rate``): the host log-mel of its front end, or the samples for a waveform model."""
+        """The model's input for one window of samples.
+
+        Args:
+            wave: `spec.window_samples` float samples at `spec.sample_rate`.
+
+        Returns:
+            The host log-mel of the model's front end, float32 [frames, mels], or the samples
+            themselves for a waveform model (its log-mel is in the graph).
+        """
         if self.input_kind == "waveform":
             return np.asarray(wave, dtype=np.float32)
         return features.logmel(wave, self.spec.front_end)
@@ -177,9 +202,18 @@ class Model:
         return self.run(x)[0]
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities [classes], embedding [size] or None) for one window's input (``features``).
+        """Run the model on one window's input.
 
-        InferenceError when a probability is not finite or not in [0, 1], or the embedding not finite."""
+        Args:
+            x: What `features` returns for the window.
+
+        Returns:
+            `(probabilities [classes], second)`: `second` is the embedding [size] when the model has one,
+            a sound event detection model's segmentwise scores [steps, classes], else None.
+
+        Raises:
+            InferenceError: A probability not finite or not in [0, 1], or a non-finite embedding.
+        """
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.input_shape)
         probs, second = (self._gpu or self._cpu).run(x)
         if self.spec.framewise:  # a SED model: its segmentwise scores [steps, classes], probabilities too

@@ -19,6 +19,15 @@ SCORE_DIGITS = 6  # decimals of a score in a record
 
 @dataclass(frozen=True)
 class Category:
+    """One class and its score.
+
+    Attributes:
+        index: The class's row in the model's labels (AudioSet: 0..526).
+        mid: Its machine id, e.g. `/m/09x0r` (AudioSet's ontology).
+        name: Its display name, e.g. `Speech`.
+        score: The probability, in [0, 1].
+    """
+
     index: int  # AudioSet class index, 0..526
     mid: str  # AudioSet machine id, e.g. /m/09x0r
     name: str  # display name, e.g. Speech
@@ -27,6 +36,14 @@ class Category:
 
 @dataclass(frozen=True)
 class WindowResult:
+    """The tags of one window of a file.
+
+    Attributes:
+        start_s: Where the window starts in the input, in seconds.
+        end_s: Where its real audio ends (less than `start_s` + 10 only for a clip under 10 s).
+        categories: Its top tags, best first (top-k, thresholds, allow and deny applied).
+    """
+
     start_s: float
     end_s: float  # end of the real audio in the window (< start_s + 10 only for a clip under 10 s)
     categories: tuple[Category, ...]
@@ -35,7 +52,16 @@ class WindowResult:
 @dataclass(frozen=True)
 class Event:
     """A class above its threshold over consecutive windows or, for a sound event detection model,
-    over consecutive frames (sed.detect: hysteresis, gaps, minimum length)."""
+    over consecutive frames (`soundtag.sed`: hysteresis, gaps, minimum length).
+
+    Attributes:
+        start_s: Where it starts, in seconds.
+        end_s: Where it ends, in seconds.
+        index: The class's row in the model's labels.
+        mid: The class's machine id.
+        name: The class's display name.
+        score: The highest window (SED: frame) score within the event.
+    """
 
     start_s: float
     end_s: float
@@ -47,6 +73,22 @@ class Event:
 
 @dataclass(frozen=True)
 class TagResult:
+    """Everything soundtag found in one input.
+
+    Attributes:
+        path: The input's name as given (None for a waveform tagged without one).
+        duration_s: The decoded duration at the source rate, in seconds.
+        clip: The clip's top tags (window scores aggregated by max or mean), best first.
+        windows: Each window's tags, in time order.
+        events: Classes above their event threshold over consecutive windows (SED: frames).
+        clip_scores: Every class's clip score, float32 [classes].
+        window_scores: Every class's score per window, float32 [windows, classes].
+        window_starts_s: Each window's start in seconds, [windows].
+        clip_embedding: The clip's embedding [size] (CNN14: 2048), when asked for; else None.
+        window_embeddings: Each window's embedding [windows, size], when asked for; else None.
+        timeline: A sound event detection model's framewise scores (`framewise`); else None.
+    """
+
     path: str | None
     duration_s: float  # decoded duration at the source rate
     clip: tuple[Category, ...]
@@ -68,11 +110,19 @@ class TagResult:
 
     @property
     def frame_hop_s(self) -> float | None:
+        """Seconds between framewise scores (10 ms for the CNN14 family); None for a clip model."""
         return None if self.timeline is None else self.timeline.frame_hop_s
 
     def to_record(self, scores: bool = False) -> dict:
-        """The JSON object of this tagged input; ``"embedding"`` when embeddings were asked for; with
-        ``scores`` also all clip scores (``"clip_scores"``) and window scores (``"scores"``)."""
+        """The record of this input: the object of its JSONL line and of the HTTP API's answer.
+
+        Args:
+            scores: Also every class's clip score (`"clip_scores"`) and each window's (`"scores"`).
+
+        Returns:
+            `{"path", "duration_s", "tags", "windows", "events"}`, with `"embedding"` when embeddings
+            were asked for; scores rounded to 6 decimals.
+        """
         rec = {
             "path": self.path,
             "duration_s": round(self.duration_s, 6),

@@ -42,7 +42,7 @@ from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
 from . import __version__
-from .errors import (AudioError, CancelledError, InferenceError, ModelError, OptionsError, SoundtagError,
+from .errors import (AudioError, InferenceError, ModelError, OptionsError, SoundtagError,
                      TooLongError)
 from .results import error_reason
 from .tagger import Tagger, TaggerOptions, load_model
@@ -211,7 +211,7 @@ def create_app(config: ServeConfig):
         loader.start()
         yield
 
-    app = FastAPI(title="soundtag", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="soundtag", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)  # Swagger UI loads from a CDN: the HTTP reference is in the docs
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, exc):  # e.g. ?scores=maybe: one line, as every error here
@@ -256,29 +256,34 @@ def create_app(config: ServeConfig):
 
     @app.get("/health")
     async def health():
+        """Alive: answers as soon as the server runs (no API key needed)."""
         return {"status": "alive"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "the model is loading (Retry-After) or failed to load"}})
     async def ready():
+        """Ready once the model is loaded (it loads in the background when the server starts)."""
         return not_ready() or {"status": "ready"}
 
-    @app.get("/info")
+    @app.get("/info", responses={503: {"description": "the model is not loaded yet"}})
     async def info():
+        """The model file, its sha256, precision and spec, the accelerator, workers, limits and version."""
         return not_ready() or {**pool.info, "version": __version__, "max_upload_mb": config.max_upload_mb,
                                "max_duration_s": config.max_duration_s, "max_windows": config.max_windows,
                                "queue": config.queue, "max_streams": config.max_streams}
 
-    @app.get("/v1/labels")
+    @app.get("/v1/labels", responses={503: {"description": "the model is not loaded yet"}})
     async def labels_list():
+        """The model's classes: `{"index", "mid", "label"}` each (527 for AudioSet)."""
         return not_ready() or [{"index": lab.index, "mid": lab.mid, "label": lab.name} for lab in pool.lent.spec.labels]
 
     @app.get("/metrics")
     async def metrics_text():
+        """Prometheus text: requests by route and status, latency, queue depth, windows tagged."""
         metrics.queue_depth.set(house.uploads)
         metrics.streams.set(house.streams)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/tags", openapi_extra=_UPLOAD_SCHEMA)
+    @app.post("/v1/tags", openapi_extra=_UPLOAD_SCHEMA, responses=_TAG_RESPONSES)
     async def tags(request: Request, format: str = Query("json"), scores: bool = Query(False)):
         """Tag one uploaded audio file (multipart form: ``file`` and the tag options)."""
         if (busy := not_ready()) is not None:
@@ -426,10 +431,12 @@ def create_app(config: ServeConfig):
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
+        """The web page: tag a file, or listen live through the microphone (no CDN: works offline)."""
         return HTMLResponse(page.joinpath("index.html").read_text(encoding="utf-8"))
 
     @app.get("/static/{name}")
     async def static(name: str):
+        """The page's script and stylesheet."""
         types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml",
                  ".png": "image/png", ".ico": "image/x-icon", ".json": "application/json"}
         suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
@@ -450,6 +457,17 @@ _UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-
         "hop_s": {"type": "number"}, "aggregate": {"type": "string", "enum": ["max", "mean"]},
         "allow": {"type": "string", "description": "comma-separated class names or MIDs"},
         "deny": {"type": "string", "description": "comma-separated class names or MIDs"}}}}}}}
+_TAG_RESPONSES = {
+    200: {"description": "the CLI's JSONL record as JSON (`?format=csv`: its CSV; `?scores=1`: all 527 scores too)"},
+    401: {"description": "no or a wrong API key (`--api-key`)"},
+    408: {"description": "headers or body too slow (`--read-timeout-s`)"},
+    413: {"description": "upload over `--max-upload-mb`, audio over `--max-duration-s` or `--max-windows`"},
+    415: {"description": "not decodable audio"},
+    422: {"description": "bad options or a malformed form"},
+    429: {"description": "`--workers` + `--queue` uploads already admitted (Retry-After)"},
+    499: {"description": "the client left: its work stopped at the next window"},
+    503: {"description": "the model is not loaded yet"},
+}
 _FIELD_TYPES = {"top_k": (int, "a valid integer"), "threshold": (float, "a valid number"), "hop_s": (float, "a valid number")}
 
 

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from .sed import FrameTimeline, PostProcessing, file_frames
 from .spec import DEFAULT_WINDOW_S
 from .windows import iter_windows, prefetch
 
+if TYPE_CHECKING:
+    from .stream import TagStream
+
 log = logging.getLogger(__name__)
 
 MIN_HOP_S = 0.1  # s; a finer hop only repeats the model on near-identical windows
@@ -38,7 +42,34 @@ MAX_THREADS = 64  # LiteRT threads per process, whatever is asked
 
 @dataclass(frozen=True)
 class TaggerOptions:
-    """How to load the model and what to report. Validated on construction (no model needed)."""
+    """How to load the model and what to report. Validated on construction (no model needed).
+
+    The fields mean what the `soundtag tag` flags of the same names mean; a server or a corpus actor
+    builds one per request or job over one loaded model (`Tagger(options, model)`).
+
+    Attributes:
+        model_path: The .tflite to load; None: `$SOUNDTAG_MODEL`, then the cache `soundtag fetch` fills.
+        top_k: Categories reported per clip and per window (1 to the model's classes).
+        threshold: Report only scores >= this (every class), in [0, 1]; also the event threshold.
+        thresholds: Per-class thresholds by name or MID, in [0, 1].
+        hop_s: Seconds between window starts (less than the 10 s window overlaps windows; >= 0.1).
+        aggregate: The clip score from the window scores: "max" or "mean".
+        allow: Report only these classes (names or MIDs).
+        deny: Never report these classes (names or MIDs).
+        num_threads: LiteRT CPU threads; None: one per core, up to 4.
+        prefetch: Decode and compute the next window's log-mel in a thread while the model runs.
+        max_duration_s: Inputs that declare or decode to more seconds are refused (TooLongError).
+        max_windows: Inputs of more windows at `hop_s` are refused (None: no limit; a server's cap).
+        embeddings: Also the embedding (CNN14: 2048-d) per window and per clip (fp32 and int8 models).
+        accelerator: "cpu", "gpu" (LiteRT's GPU accelerator, proven by a probe at load) or "auto".
+        gpu_precision: The GPU's arithmetic, "fp16" or "fp32"; None: fp16 for the fp16 log-mel model.
+        sed: How a sound event detection model's framewise scores become events (`soundtag.sed`).
+
+    Raises:
+        OptionsError: A value outside its domain (a ValueError), as soon as the options are built.
+        UnknownClassError: A class name or MID in `allow`, `deny` or `thresholds` that the labels
+            lack (a KeyError); the message names the closest label.
+    """
 
     model_path: str | None = None  # .tflite; None: $SOUNDTAG_MODEL, then the user cache
     top_k: int = 5  # categories reported per clip and per window (up to the model's classes)
@@ -127,8 +158,25 @@ def load_model(options: TaggerOptions, weight_cache: bool = True) -> Model:
 
 
 class Tagger:
-    """Sound-event tagger over a PANNs model. ``Tagger(options)`` loads the model the options name;
-    ``Tagger(options, model)`` shares an already loaded one. ``spec``: the model's (spec.ModelSpec)."""
+    """Sound-event tagger over a PANNs model: files, waveforms or live audio in, tags and events out.
+
+    `Tagger(options)` loads the model the options name; `Tagger(options, model)` shares an already
+    loaded one (a `Model` holds one LiteRT interpreter: share it between taggers in one thread).
+
+    Args:
+        options: What to load and what to report; None: the defaults (`TaggerOptions()`).
+        model: An already loaded model to use instead of loading `options.model_path`.
+
+    Attributes:
+        options: The options it was built with.
+        model: The loaded model.
+        spec: What the model is (`ModelSpec`: sample rate, window, labels, outputs).
+
+    Raises:
+        ModelNotFoundError: No model given, none in `$SOUNDTAG_MODEL` and none in the cache.
+        ModelError: The file is not a model soundtag can run, fails to load or to pass its GPU probe,
+            or `embeddings` was asked of a model without that output.
+    """
 
     def __init__(self, options: TaggerOptions | None = None, model: Model | None = None) -> None:
         self.options = options or TaggerOptions()
@@ -145,12 +193,22 @@ class Tagger:
 
     @classmethod
     def from_model_path(cls, path: str | Path, **options) -> Tagger:
+        """A Tagger over the model at `path`; `options` are TaggerOptions fields."""
         return cls(TaggerOptions(model_path=str(path), **options))
 
-    def stream(self, sample_rate: int, channels: int = 1, limited: bool = False):
-        """A TagStream: feed live PCM blocks, get windows and events as they complete (stream.py).
-        ``limited``: the options' duration limit (duration_limit) applies to the stream's audio too (a
-        server's streams; a microphone may listen for ever)."""
+    def stream(self, sample_rate: int, channels: int = 1, limited: bool = False) -> TagStream:
+        """A stream that tags live audio as it arrives (the code path of `listen` and the WebSocket).
+
+        Args:
+            sample_rate: The rate of the PCM blocks that will be fed (resampled to the model's).
+            channels: Channels of the blocks (averaged to mono).
+            limited: Apply the options' duration limit to the stream's audio too (a server's
+                streams; a microphone may listen for ever).
+
+        Returns:
+            TagStream: Its `feed(block)` returns the windows and event changes the block completes,
+                its `close()` the last window and the closing events.
+        """
         from .stream import TagStream
 
         return TagStream(self, sample_rate, channels,
@@ -181,8 +239,21 @@ class Tagger:
                         np.array(embs, dtype=np.float32).reshape(-1, spec.segments, spec.num_classes) if spec.framewise else None)
 
     def tag_waveform(self, waveform: np.ndarray, sample_rate: int | None = None, path: str | None = None) -> TagResult:
-        """Tag a mono (or [samples, channels]) float waveform at any sample rate (None: the model's,
-        ``spec.sample_rate``)."""
+        """Tag a waveform held in memory.
+
+        Args:
+            waveform: Float samples, mono [samples] or [samples, channels] (averaged).
+            sample_rate: Its rate in Hz, resampled to the model's; None: already at `spec.sample_rate`.
+            path: The name to put in the result.
+
+        Returns:
+            The TagResult (clip tags, windows, events; framewise scores for an SED model).
+
+        Raises:
+            AudioError: An empty or misshapen array, or NaN/Inf samples.
+            TooLongError: Longer than the options allow.
+            InferenceError: The model produced a non-finite or out-of-range score.
+        """
         import soxr
 
         x = np.asarray(waveform, dtype=np.float32)
@@ -200,10 +271,24 @@ class Tagger:
         feats = self._inputs(iter_windows([x], self.hop, self.spec.window_samples))
         return self._result(path, duration, self._run(prefetch(feats) if self.options.prefetch else feats))
 
-    def tag_file(self, source, name: str | None = None, cancel: threading.Event | None = None) -> TagResult:
-        """Decode (streaming, any format/rate/channels) and tag a file: a path, or a seekable binary file
-        object (an upload; ``name`` is its path in the result). Raises AudioError on bad input, and
-        CancelledError, between two windows, once ``cancel`` is set (a server's client has gone)."""
+    def tag_file(self, source: str | os.PathLike | BinaryIO, name: str | None = None, cancel: threading.Event | None = None) -> TagResult:
+        """Decode and tag one file, streaming (any format, rate, channels and length).
+
+        Args:
+            source: A path, or a seekable binary file object (an upload).
+            name: The path to put in the result for a file object.
+            cancel: Set it to stop between two windows (a server's client has gone).
+
+        Returns:
+            The TagResult: clip tags, windows, events (and framewise scores for an SED model).
+
+        Raises:
+            AudioError: Missing, empty, truncated, non-audio or hostile input, NaN samples; the
+                message names the cause in one line (`.path` is the file).
+            TooLongError: The input declares or decodes to more than the options allow.
+            InferenceError: The model produced a non-finite or out-of-range score.
+            CancelledError: `cancel` was set.
+        """
         if hasattr(source, "read"):
             item = (name or str(getattr(source, "name", "<upload>")), source)
         else:
@@ -214,11 +299,18 @@ class Tagger:
         return result
 
     def tag_files(self, paths: Iterable[str | Path]) -> Iterator[tuple[str, TagResult | None, Exception | None]]:
-        """(path, result, None) or (path, None, error) per file, in order.
+        """Tag many files in order; a file that fails is reported and the batch goes on.
 
-        With ``prefetch`` the next window is decoded and log-mel'd in a background thread while the
-        model runs, across file boundaries too, so a batch of short clips overlaps decoding one file
-        with the model on the previous one.
+        With `prefetch` the next window is decoded and its log-mel computed in a background thread
+        while the model runs, across file boundaries too, so a batch of short clips overlaps decoding
+        one file with the model on the previous one.
+
+        Args:
+            paths: Audio files (folders and @lists are expanded by the command line, not here).
+
+        Returns:
+            An iterator of `(path, result, None)` or `(path, None, error)`, one per path, in order;
+            `error` is the SoundtagError that `tag_file` would have raised.
         """
         return self._tag_sources([(os.fspath(p), os.fspath(p)) for p in paths])
 

@@ -87,8 +87,9 @@ def http_markdown(schema: dict) -> str:
                          for kind, c in body.items()]
                 params = ", ".join(filter(None, [params, "body: " + ", ".join(kinds)]))
             summary = op.get("description") or op.get("summary") or ""
-            answers = "<br>".join(f"{code}: {_cell(r.get('description', ''))}" if r.get("description") not in (None, "Successful Response", "Validation Error")
-                                  else code for code, r in sorted(op.get("responses", {}).items()))
+            generic = (None, "Successful Response", "Validation Error")  # FastAPI's defaults say nothing
+            answers = "<br>".join(code if r.get("description") in generic else f"{code}: {_cell(r['description'])}"
+                                  for code, r in sorted(op.get("responses", {}).items()))
             out.append(f"| {method.upper()} | `{path}` | {_cell(summary)} | {params} | {answers} |")
     return "\n".join(out) + "\n"
 

@@ -17,7 +17,6 @@ import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -52,15 +51,25 @@ class AudioInfo:
 
 
 class AudioStream:
-    """Iterate float32 mono blocks of a file at ``sample_rate`` (a model's: ``spec.sample_rate``).
-    ``frames`` counts source frames read so far.
+    """Iterate float32 mono blocks of a file at ``sample_rate`` (a model's: ``spec.sample_rate``),
+    so memory does not grow with the file's length. ``frames`` counts source frames read so far.
 
-    ``source``: a path, or a seekable binary file object (then ``name`` labels it in errors).
-    ``max_duration_s``: inputs declaring or decoding to more than this are refused; ``limit`` names
-    the limit in that error (the flag that sets it).
+    Args:
+        source: A path, or a seekable binary file object (then `name` labels it in errors).
+        block_s: Seconds of audio per block.
+        max_duration_s: Inputs declaring or decoding to more than this are refused.
+        name: The file's name in errors, for a file object.
+        limit: The flag that sets `max_duration_s`, named in that error.
+        sample_rate: Hz of the blocks it yields.
+
+    Raises:
+        AudioError: Missing, empty, truncated, non-audio or hostile input, NaN/Inf samples (when
+            the stream is opened or while it is read).
+        TooLongError: The input declares or decodes to more than `max_duration_s`.
     """
 
-    def __init__(self, source, block_s: float = BLOCK_SECONDS, max_duration_s: float = DEFAULT_MAX_DURATION_S,
+    def __init__(self, source: str | os.PathLike | BinaryIO, block_s: float = BLOCK_SECONDS,
+                 max_duration_s: float = DEFAULT_MAX_DURATION_S,
                  name: str | None = None, limit: str = "--max-duration", sample_rate: int = CNN14.sample_rate) -> None:
         self.block_s = block_s
         self.sample_rate = sample_rate  # Hz, of the blocks it yields

@@ -211,7 +211,8 @@ def create_app(config: ServeConfig):
         loader.start()
         yield
 
-    app = FastAPI(title="soundtag", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)  # Swagger UI loads from a CDN: the HTTP reference is in the docs
+    # no /docs: Swagger UI loads from a CDN, and everything served here works offline (docs/reference/http.md)
+    app = FastAPI(title="soundtag", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, exc):  # e.g. ?scores=maybe: one line, as every error here

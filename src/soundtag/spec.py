@@ -36,7 +36,19 @@ MAX_SPEC_BYTES = 16 * 1024 * 1024  # a spec is ~30 kB with 527 labels; more is n
 class FrontEnd:
     """The log-mel front end (torchlibrosa Spectrogram + LogmelFilterBank as PANNs use it): periodic
     Hann window of ``n_fft``, center=True with reflect padding, |rFFT|^2, slaney mel filterbank
-    (librosa.filters.mel defaults), 10*log10(max(x, 1e-10))."""
+    (librosa.filters.mel defaults), 10*log10(max(x, 1e-10)).
+
+    Attributes:
+        sample_rate: Hz of the waveform it takes.
+        n_fft: Samples per STFT frame.
+        hop: Samples between frames (10 ms at 32 kHz: 320).
+        n_mels: Mel bins.
+        fmin: Hz, the lowest mel band edge.
+        fmax: Hz, the highest mel band edge.
+
+    Raises:
+        ValueError: Non-positive sizes, or band edges outside 0..sample_rate / 2.
+    """
 
     sample_rate: int = 32_000  # Hz
     n_fft: int = 1024  # samples per STFT frame
@@ -72,7 +84,26 @@ DEFAULT_WINDOW_S = 10.0  # s; every PANNs AudioSet model was trained on 10 s cli
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a model file is. ``labels``: one per clip output, row = output index."""
+    """What a model file is, written into the .tflite by `soundtag convert` and read back at load.
+
+    Attributes:
+        architecture: The PANNs architecture, e.g. "Cnn14", "Cnn14_16k", "Cnn14_DecisionLevelMax".
+        front_end: The log-mel front end (`FrontEnd`) whose output the model takes.
+        input: "logmel" (the host computes the log-mel) or "waveform" (the log-mel is in the graph).
+        window_samples: The model's fixed window, in samples at the front end's rate.
+        labels: One `Label` per clip output, row = output index (AudioSet's 527, or a trained head's).
+        embedding_size: Size of the embedding output (CNN14: 2048); None: the model has none.
+        checkpoint_md5: The md5 of the checkpoint it was converted from.
+        precision: "fp32", "fp16" or "int8".
+        frames_per_segment: A sound event detection model's log-mel frames per time step (32); None:
+            a clip model.
+        thresholds: A trained head's default decision threshold per class; None: no defaults.
+        training: What a trained head was trained on (JSON).
+        source: "metadata" (read from the file), or "signature" (the model card's file, recognised).
+
+    Raises:
+        ValueError: Fields that contradict each other or the front end.
+    """
 
     architecture: str = "Cnn14"
     front_end: FrontEnd = CNN14_FRONT_END

@@ -271,7 +271,8 @@ class Tagger:
         feats = self._inputs(iter_windows([x], self.hop, self.spec.window_samples))
         return self._result(path, duration, self._run(prefetch(feats) if self.options.prefetch else feats))
 
-    def tag_file(self, source: str | os.PathLike | BinaryIO, name: str | None = None, cancel: threading.Event | None = None) -> TagResult:
+    def tag_file(self, source: str | os.PathLike | BinaryIO, name: str | None = None,
+                 cancel: threading.Event | None = None) -> TagResult:
         """Decode and tag one file, streaming (any format, rate, channels and length).
 
         Args:

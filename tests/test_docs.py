@@ -140,10 +140,9 @@ def world(tmp_path_factory, models, checkpoint):
     (w / "models").mkdir()
     for d in (models, sed_dir):
         for f in d.iterdir():
-            if f.is_file():
-                (w / "models" / f.name).symlink_to(f)
-                if not (w / f.name).exists():
-                    (w / f.name).symlink_to(f)
+            for place in (w / "models", w):  # the CNN14 models' files first: mel_basis.bin etc. are theirs
+                if f.is_file() and not (place / f.name).exists():
+                    (place / f.name).symlink_to(f)
     cache = w / "cache" / "models"
     cache.mkdir(parents=True)
     for f in models.iterdir():

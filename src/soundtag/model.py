@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import features
+from .cpu import cpu_info
 from .errors import InferenceError, ModelError, NoGpuError
 from .files import atomic_write_bytes, create_beside, file_chunks
 from .paths import weight_cache_dir
@@ -414,11 +415,7 @@ def weight_cache_file(model_path: str | Path, directory: Path) -> Path:
 
     st = os.stat(model_path)
     real = os.path.realpath(model_path)
-    flags = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    key = "|".join((real, str(st.st_size), str(st.st_mtime_ns), version("ai-edge-litert"), flags.strip()))
+    key = "|".join((real, str(st.st_size), str(st.st_mtime_ns), version("ai-edge-litert"), cpu_info().flags_line))
     return Path(directory) / f"{Path(real).stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.xnnpack"
 
 

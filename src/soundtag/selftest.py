@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+from .cpu import cpu_info
 from .errors import SoundtagError
 from .files import atomic_write_bytes
 from .model import Model, probe_input
@@ -66,18 +67,9 @@ def selftest(model_path: str | None = None, accelerator: str = "cpu", gpu_precis
     return report
 
 
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
-                "asimd", "asimddp", "sve")  # what moves the CPU kernels (bench/peers.py: OpenVINO uses AMX, XNNPACK not)
-
-
 def cpu_facts() -> dict:
     """The CPU's features that choose XNNPACK's kernels (its fp32 path uses none of AMX; issue #22)."""
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            line = next((x for x in f if x.startswith(("flags", "Features"))), "")
-            flags = set(line.partition(":")[2].split())
-    return {"features": [f for f in CPU_FEATURES if f in flags]}
+    return {"features": cpu_info().features}
 
 
 def record_measurement(path: Path, report: dict) -> None:
@@ -89,7 +81,7 @@ def record_measurement(path: Path, report: dict) -> None:
             return
         table_file = cache / MEASURED_FILE
         table = json.loads(table_file.read_text()) if table_file.is_file() else {}
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+        cpu = cpu_info().name
         table[Path(path).name] = {"ms_per_window": report["ms_per_window"], "accelerator": report["accelerator"],
                                   "cpu": cpu, "adapter": report.get("adapter")}
         atomic_write_bytes(table_file, (json.dumps(table, indent=1) + "\n").encode())

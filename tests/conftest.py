@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,30 @@ _WEIGHTS = tempfile.TemporaryDirectory(prefix="soundtag-xnnpack-")
 os.environ.setdefault("SOUNDTAG_WEIGHT_CACHE", _WEIGHTS.name)
 
 from tests.fixtures import CACHE, SR, cached_checkpoint, cached_models, scene, speech_wave, tone, write_wav  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _weight_caches_of_temporary_models():
+    """XNNPACK's packed weights of a model that a test wrote or copied into its own folder (one file of
+    up to 700 MB per model path) go when the test ends; those of the cached models stay for the session."""
+    folder = Path(_WEIGHTS.name)
+    if os.environ.get("SOUNDTAG_WEIGHT_CACHE") != _WEIGHTS.name or not folder.is_dir():
+        yield
+        return
+    before = set(folder.iterdir())
+    yield
+    new = set(folder.iterdir()) - before
+    if not new:
+        return
+    from soundtag.model import weight_cache_file
+
+    keep = set()
+    for model in CACHE.rglob("*.tflite"):
+        with contextlib.suppress(OSError):
+            keep.add(weight_cache_file(model, folder).name)
+    for f in new:
+        if f.name.removesuffix(".crc32") not in keep:
+            f.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,22 @@ def _weight_caches_of_temporary_models():
             f.unlink(missing_ok=True)
 
 
+@pytest.fixture(autouse=True)
+def _working_directory_stays():
+    """A test that moves the process into its own folder fails, and the next test starts where the suite
+    did: a passed test's tmp_path is deleted, and every later subprocess (and torch's MKL loader) fails
+    in a working directory that no longer exists (CI, stop 28)."""
+    start = os.getcwd()
+    yield
+    try:
+        moved = os.getcwd() != start
+    except FileNotFoundError:
+        moved = True
+    if moved:
+        os.chdir(start)
+        pytest.fail("the test left the working directory changed: use monkeypatch.chdir", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def checkpoint() -> Path:
     return cached_checkpoint(CACHE)

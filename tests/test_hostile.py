@@ -394,7 +394,7 @@ def test_broken_pipe_ends_cleanly(int8_model, clips, fmt):
     assert p.wait(timeout=120) in (0, 141) and "Traceback" not in err and "Exception" not in err, err
 
 
-def test_csv_formula_cells_are_neutralised(int8_model, tmp_path, capsys):
+def test_csv_formula_cells_are_neutralised(int8_model, tmp_path, capsys, monkeypatch):
     d = tmp_path / "f"
     d.mkdir()
     names = ["=HYPERLINK(1).wav", "+1.wav", "-2.wav", "'q.wav", "ok.wav"]
@@ -402,21 +402,18 @@ def test_csv_formula_cells_are_neutralised(int8_model, tmp_path, capsys):
         write_wav(d / name, scene(2, seed=i), SR)
     listing = tmp_path / "l.txt"
     listing.write_text("".join(f"{name}\n" for name in names) + "@missing.txt\n")  # an error row: "@..."
-    os.chdir(d)
-    try:
-        out = tmp_path / "o.csv"
-        code, _, err = run(capsys, "tag", f"@{listing}", "--model", int8_model, "--output", out, "--top-k", "1")
-        assert code == 1, err
-        import csv
+    monkeypatch.chdir(d)  # undone when the test ends, before its tmp_path is deleted
+    out = tmp_path / "o.csv"
+    code, _, err = run(capsys, "tag", f"@{listing}", "--model", int8_model, "--output", out, "--top-k", "1")
+    assert code == 1, err
+    import csv
 
-        rows = list(csv.DictReader(out.read_text().splitlines()))
-        assert [r["path"] for r in rows] == ["'@missing.txt"] + ["'" + n for n in names[:4]] + ["ok.wav"]
-        code, _, err = run(capsys, "tag", f"@{listing}", "--model", int8_model, "--output", out, "--top-k", "1",
-                           "--resume")
-        assert code == 1 and "5 skipped" in err  # read back as the same paths
-        assert len(out.read_text().splitlines()) == 7
-    finally:
-        os.chdir(tmp_path)
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert [r["path"] for r in rows] == ["'@missing.txt"] + ["'" + n for n in names[:4]] + ["ok.wav"]
+    code, _, err = run(capsys, "tag", f"@{listing}", "--model", int8_model, "--output", out, "--top-k", "1",
+                       "--resume")
+    assert code == 1 and "5 skipped" in err  # read back as the same paths
+    assert len(out.read_text().splitlines()) == 7
 
 
 # --- resume ---------------------------------------------------------------------------------------------

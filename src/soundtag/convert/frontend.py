@@ -141,7 +141,8 @@ class LogmelFrontEnd(nn.Module):
     ``self.keepalive``.
     """
 
-    def __init__(self, const: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, const: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 mel_affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.keepalive: list[torch.Tensor] = []
         if const is None:
@@ -174,6 +175,11 @@ class LogmelFrontEnd(nn.Module):
         self.db_per_log_amplitude = scalar(2.0 * DB_PER_NEPER_POWER)
         self.db_offset = scalar(DB_OFFSET)
         self.db_floor = scalar(DB_FLOOR)
+        # a body's bn0 (scale, shift per mel bin), applied to the rank-2 [frames, mels] log-mel before its
+        # reshape to [1, 1, frames, mels]: LiteRT's GPU delegate gets a [.., mels] constant broadcast
+        # over that reshaped output wrong (only frame 0 right, on lavapipe and NVIDIA alike; the mixed-rank
+        # BHWC misalignment of google-ai-edge/LiteRT#8980), so the affine must not follow the reshape
+        self.mel_affine = None if mel_affine is None else tuple(const(t.reshape(1, -1)) for t in mel_affine)
 
     def _dft(self, u: torch.Tensor) -> torch.Tensor:
         """[frames, 1024], |u| <= 1 -> [frames, 2 * bins]: re | im of the used rFFT bins (DFT_GAIN
@@ -219,4 +225,7 @@ class LogmelFrontEnd(nn.Module):
         root4 = torch.maximum(torch.sqrt(torch.sqrt(mel)), self.root4_floor)
         gain_db = (torch.log(m) + torch.log(p) + torch.log(q)) * self.db_per_log_amplitude + self.db_offset
         db = torch.log(root4) * self.db_per_log_root4 + gain_db
-        return torch.maximum(db, self.db_floor).reshape(1, 1, n, FE.n_mels)
+        db = torch.maximum(db, self.db_floor)
+        if self.mel_affine is not None:
+            db = db * self.mel_affine[0] + self.mel_affine[1]
+        return db.reshape(1, 1, n, FE.n_mels)

@@ -134,7 +134,8 @@ def scalar_const(const: Callable[[torch.Tensor], torch.Tensor], value: float) ->
 
 
 class LogmelFrontEnd(nn.Module):
-    """waveform float32 [1, 320000] -> log-mel float32 [1, 1, 1001, 64] dB, equal to features.logmel.
+    """waveform float32 [1, 320000] -> log-mel float32 [1, 1, 1001, 64] dB, equal to features.logmel
+    (with ``mel_affine`` (scale, shift), that log-mel times scale plus shift per mel bin: a body's bn0).
 
     ``const`` registers a float64 tensor as a graph constant (float32, contiguous, kept alive; see
     export.py on litert-torch #1061/#1238); by default a local equivalent keeping them in

@@ -161,17 +161,18 @@ def test_graph_inspection_flags_non_gpu_ops(tmp_path):
     assert not g.gpu_ok and "ARG_MAX" in g.gpu_unsupported
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("cin, cout, h, w", [(3, 5, 7, 6), (8, 4, 31, 2), (16, 16, 62, 4), (4, 6, 13, 9)])
-def test_winograd_conv_matches_direct(cin, cout, h, w, m):
+def test_winograd_conv_matches_direct(cin, cout, h, w, m, batch):
     """Winograd F(m x m, 3x3) vs torch's direct conv2d (the independent reference), sizes that are and
-    are not multiples of the tile."""
+    are not multiples of the tile, one window or a batch of them (each window its own)."""
     from soundtag.convert.winograd import GEMM_FORMS, WinogradConv3x3
 
     g = torch.Generator().manual_seed(cin * cout)
     weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
     bias = torch.randn(cout, generator=g, dtype=torch.float64)
-    x = torch.randn(1, cin, h, w, generator=g, dtype=torch.float64)
+    x = torch.randn(batch, cin, h, w, generator=g, dtype=torch.float64)
     ref = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
     for gemm in GEMM_FORMS:  # grouped 1x1 convolutions (shipped) or batched matmuls
         # one GEMM, or summed over groups of input channels (the GPU layout); the convolution form
@@ -185,15 +186,16 @@ def test_winograd_conv_matches_direct(cin, cout, h, w, m):
             torch.testing.assert_close(pooled(x), torch.nn.functional.avg_pool2d(ref, 2), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("cin, cout, h", [(3, 5, 7), (8, 4, 31), (16, 16, 2), (4, 6, 1)])
-def test_width_two_conv_matches_direct(cin, cout, h):
+def test_width_two_conv_matches_direct(cin, cout, h, batch):
     """Block 6's form (Karatsuba across the 2 columns, 1-D F(2, 3) down the rows) vs torch's conv2d."""
     from soundtag.convert.winograd import GEMM_FORMS, WidthTwoConv3x3
 
     g = torch.Generator().manual_seed(cin + cout + h)
     weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
     bias = torch.randn(cout, generator=g, dtype=torch.float64)
-    x = torch.randn(1, cin, h, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(batch, cin, h, 2, generator=g, dtype=torch.float64)
     ref = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
     for gemm in GEMM_FORMS:
         for group in [g for g in (None, 1, 2, 4) if g is None or cin % g == 0]:

@@ -66,7 +66,7 @@ def transforms(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class WinogradConv3x3:
-    """relu(conv2d(x, w, b, padding=1)) for a fixed input size [1, Cin, H, W], as F(m x m, 3x3); with
+    """relu(conv2d(x, w, b, padding=1)) for a fixed input size [B, Cin, H, W], as F(m x m, 3x3); with
     ``pool=2`` (m even) avg_pool2d of that, 2 x 2, computed inside the output tiles.
 
     ``group`` input channels at most per GEMM: the GEMMs are split along their reduction axis
@@ -127,41 +127,44 @@ class WinogradConv3x3:
             self.pool_matrix = const(pooling.reshape(m * m, q * q))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x [B, Cin, H, W]: B windows at once; every reshape keeps the batch beside the tiles (the GEMMs
+        # run over B x tiles rows: weights read once per invoke), and no tensor exceeds rank 4
         h, w, th, tw, cout, m, k, cin = self.h, self.w, self.th, self.tw, self.cout, self.m, self.k, self.cin
-        kh, kw = self.input_kernel.shape[2:]
+        b = x.shape[0]
         pad_w = (1, m * tw + 1 - w) if self.stride[1] == m else (0, 0)
         x = F.pad(x, (*pad_w, 1, m * th + 1 - h))
         # channels as the batch: one 1 -> K channel convolution (kh x kw, stride m) instead of a depthwise
-        # one with K outputs per channel; its NHWC output [Cin, th, tw, K] needs one transpose for the GEMMs
-        v = F.conv2d(x.reshape(cin, 1, x.shape[2], x.shape[3]), self.input_kernel, stride=self.stride)  # [Cin, K, th, tw]
+        # one with K outputs per channel; its NHWC output [B Cin, th, tw, K] needs one transpose for the GEMMs
+        v = F.conv2d(x.reshape(b * cin, 1, x.shape[2], x.shape[3]), self.input_kernel, stride=self.stride)
         tiles, parts = th * tw, len(self.u)
-        v = v.permute(0, 2, 3, 1)  # the NHWC order of the depthwise output: [Cin, th, tw, K]
+        v = v.permute(0, 2, 3, 1)  # the NHWC order of the depthwise output: [B Cin, th, tw, K]
         p = None
         if self.gemm == "bmm":
-            v = v.reshape(cin, tiles, k).permute(2, 1, 0)  # [K, tiles, Cin]
-            for j, u in enumerate(self.u):  # [K, tiles, Cout], summed over the groups of input channels
+            v = v.reshape(b, cin, tiles, k).permute(3, 0, 2, 1).reshape(k, b * tiles, cin)  # [K, B tiles, Cin]
+            for j, u in enumerate(self.u):  # [K, B tiles, Cout], summed over the groups of input channels
                 part = torch.bmm(v if parts == 1 else v[:, :, j * self.group : (j + 1) * self.group], u)
                 p = part if p is None else p + part
             if self.pool == 2:
                 p = p + self.gemm_bias
-            p = p.permute(1, 2, 0)  # [tiles, Cout, K]
+            p = p.permute(1, 2, 0)  # [B tiles, Cout, K]
         else:
-            v = v.reshape(parts, self.group, tiles, k).permute(0, 2, 3, 1)  # [parts, tiles, K, group]
+            # (b, part, c, t, k) -> (part, b, t, k, c): one rank-4 transpose with tiles and K as one axis
+            v = v.reshape(b, parts, self.group, tiles * k).permute(1, 0, 3, 2)  # [parts, B, tiles K, group]
             for j, u in enumerate(self.u):
-                # the NCHW view of the NHWC [1, tiles, 1, K group], so the converter's layout
+                # the NCHW view of the NHWC [1, B tiles, 1, K group], so the converter's layout
                 # transposes cancel; groups=K: the K GEMMs of one part in one CONV_2D
-                vj = v[j].reshape(1, tiles, 1, k * self.group).permute(0, 3, 1, 2)
+                vj = v[j].reshape(1, b * tiles, 1, k * self.group).permute(0, 3, 1, 2)
                 gemm_bias = self.gemm_bias if self.pool == 2 and j == 0 else None
-                part = F.conv2d(vj, u, gemm_bias, groups=k).permute(0, 2, 3, 1)  # [1, tiles, 1, K Cout]
+                part = F.conv2d(vj, u, gemm_bias, groups=k).permute(0, 2, 3, 1)  # [1, B tiles, 1, K Cout]
                 p = part if p is None else p + part
-            p = p.reshape(tiles, k, cout).permute(0, 2, 1)  # [tiles, Cout, K]
-        y = torch.matmul(p, self.output_matrix)  # [tiles, Cout, m²]
+            p = p.reshape(b * tiles, k, cout).permute(0, 2, 1)  # [B tiles, Cout, K]
+        y = torch.matmul(p, self.output_matrix)  # [B tiles, Cout, m²]
         if self.pool == 2:  # avg_pool2d(relu(conv), 2): rows and columns past an odd size's last pair dropped
             q = m // 2
-            y = torch.matmul(F.relu(y), self.pool_matrix)  # [tiles, Cout, (m/2)²]
-            y = y.reshape(th * tw, cout * q * q).permute(1, 0).reshape(1, cout * q * q, th, tw)
+            y = torch.matmul(F.relu(y), self.pool_matrix)  # [B tiles, Cout, (m/2)²]
+            y = y.reshape(b, tiles, cout * q * q).permute(0, 2, 1).reshape(b, cout * q * q, th, tw)
             return F.pixel_shuffle(y, q)[:, :, : h // 2, : w // 2]
-        y = y.reshape(th * tw, cout * m * m).permute(1, 0).reshape(1, cout * m * m, th, tw)
+        y = y.reshape(b, tiles, cout * m * m).permute(0, 2, 1).reshape(b, cout * m * m, th, tw)
         y = F.pixel_shuffle(y, m)[:, :, :h, :w]
         return F.relu(y + self.bias)
 

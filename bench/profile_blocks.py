@@ -4,6 +4,7 @@ Winograd F(4x4,3x3); same folded constants as the real conversion) and timed on 
 all pieces interleaved round by round, medians.
 
     python -m bench.profile_blocks [--threads 2] [--runs 15]
+    python -m bench.profile_blocks --batch 4   # the shipped fp32 layout, B windows per invoke vs one
 
 The Python LiteRT interpreter exposes no per-op profiler, so the body is cut at block boundaries.
 export.WINOGRAD_BLOCKS is chosen from this table (on both machine kinds where we have them).
@@ -67,8 +68,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--batch", type=int, help="instead: the shipped fp32 layout per block and whole, B windows per invoke vs 1")
     args = ap.parse_args()
     body = load_body(cached_checkpoint(CACHE))
+    if args.batch:
+        return batch_table(body, args.batch, args.threads, args.runs)
     group = LAYOUTS["fp32"][2]
     conv_shapes = [c.weight.shape for b in body.blocks() for c in (b.conv1, b.conv2)]
     x = torch.from_numpy(np.random.default_rng(0).normal(-40, 20, (1, 1, 1001, 64)).astype(np.float32))
@@ -112,6 +116,38 @@ def main() -> None:
     shipped = sum(by[(s, next(f for f, m in FORMS.items() if (m and m[0]) == WINOGRAD_BLOCKS.get(s)))][0] if 1 <= s <= 6 else by[(s, "direct")][0]
                   for s, _, _ in rows)
     print(f"\nsum of pieces: all direct {total['direct'] * 1000:.0f} ms, as shipped {shipped * 1000:.0f} ms")
+
+
+def batch_table(body, batch: int, threads: int, runs: int) -> None:
+    """ms per window of each block and of the whole fp32 body (export.LAYOUTS) at 1 and ``batch``
+    windows per invoke: what a batch-B model would buy (weights read once per invoke, bigger GEMMs)."""
+    import litert_torch
+
+    from bench.machine import cpu_line
+    from soundtag.convert.export import LAYOUTS, _ExportBody
+
+    blocks, direct_group, group = LAYOUTS["fp32"]
+    export = _ExportBody(body, blocks, False, direct_group, group).eval()
+    x = x0 = torch.from_numpy(np.random.default_rng(0).normal(-40, 20, (batch, 1, 1001, 64)).astype(np.float32))
+    pieces = [(f"block{s}" if 1 <= s <= 6 else {0: "bn0", 7: "head"}[s], Piece(export, s).eval()) for s in range(8)]
+    pieces.append(("whole body", export))
+    models = []
+    with torch.inference_mode():
+        for name, piece in pieces:
+            if name == "whole body":
+                x = x0
+            for b in (1, batch):
+                edge = litert_torch.convert(piece, (x[:b].contiguous(),))
+                data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
+                models.append((bytes(data), x[:b].numpy()))
+                del edge
+            x = piece(x)
+    times = interleaved(models, threads, runs)
+    print(f"Machine: {cpu_line()}; threads={threads}, median of {runs} interleaved runs per piece\n")
+    print(f"| piece | B 1 ms / window | B {batch} ms / window | B {batch} vs B 1 |\n|---|---|---|---|")
+    for k, (name, _) in enumerate(pieces):
+        one, many = times[2 * k] * 1000, times[2 * k + 1] * 1000 / batch
+        print(f"| {name} | {one:.1f} | {many:.1f} | {one / many:.2f}x |")
 
 
 def interleaved(models: list[tuple[bytes, np.ndarray]], threads: int, runs: int) -> list[float]:

@@ -165,15 +165,36 @@ def window_inputs(clips: list[Path]) -> list[np.ndarray]:
 RUNTIMES = ("torch", "ort-fp32", "ov-f32", "ov-default", "ort-int8", "st-fp32", "st-fp16", "st-int8", "st-int8-openvino")
 
 
+def onnx_body() -> Path:
+    """The synthetic checkpoint's body as ONNX, exported once (torch imported only when it is missing)."""
+    path = cached_checkpoint().with_name("Cnn14_synthetic_body.onnx")
+    if not path.is_file():
+        from soundtag.convert.cnn14 import load_body
+
+        export_onnx(load_body(cached_checkpoint()), path)
+    return path
+
+
+def prepare(keys: list[str]) -> None:
+    """Everything a runtime's process reads, built here before any is timed: the converted models,
+    the ONNX export and its int8 variant. A child then imports its own runtime only, so its peak RSS
+    is that runtime's (the PyTorch child alone holds torch)."""
+    cached_models()
+    if any(k.startswith(("ort", "ov")) for k in keys):
+        onnx = onnx_body()
+        if "ort-int8" in keys:
+            ort_int8(onnx)
+
+
 def make_runtime(key: str):
     """One runtime by key (RUNTIMES), on the cached synthetic checkpoint and its converted models."""
-    from soundtag.convert.cnn14 import load_body
-
     checkpoint = cached_checkpoint()
     if key == "torch":
+        from soundtag.convert.cnn14 import load_body
+
         return Torch(load_body(checkpoint))
     if key.startswith(("ort", "ov")):
-        onnx = export_onnx(load_body(checkpoint), checkpoint.with_name("Cnn14_synthetic_body.onnx"))
+        onnx = onnx_body()  # exported by the parent (prepare): torch never enters this process's RSS
         return {"ort-fp32": lambda: Ort(onnx, "fp32"), "ort-int8": lambda: Ort(ort_int8(onnx), "dynamic int8 (per-channel)"),
                 "ov-f32": lambda: OpenVino(onnx, "f32"), "ov-default": lambda: OpenVino(onnx, "default")}[key]()
     precision = key.split("-")[1]
@@ -343,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     keys = args.runtimes.split(",")
-    cached_models()  # built once, before any process is timed
+    prepare(keys)  # built once, before any process is timed
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         clips, long = make_files(work, args.clips, args.long_minutes)

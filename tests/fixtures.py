@@ -40,11 +40,12 @@ def cache_key(precisions: tuple[str, ...] = ()) -> str:
 
 
 def cached_checkpoint(cache: str | Path = CACHE) -> Path:
-    """The synthetic checkpoint under cache/, built once per content hash."""
-    from soundtag.convert.synthetic import write_synthetic_checkpoint
-
+    """The synthetic checkpoint under cache/, built once per content hash (torch imported only then:
+    bench/peers.py's runtime processes measure their own peak RSS)."""
     path = Path(cache) / f"synthetic-{cache_key()}" / "Cnn14_synthetic.pth"
     if not path.is_file():
+        from soundtag.convert.synthetic import write_synthetic_checkpoint
+
         write_synthetic_checkpoint(path)
     return path
 
@@ -52,11 +53,12 @@ def cached_checkpoint(cache: str | Path = CACHE) -> Path:
 def cached_models(cache: str | Path = CACHE, precisions: tuple[str, ...] = ALL_PRECISIONS) -> Path:
     """Converted, validated models of the synthetic checkpoint under cache/, built once per hash
     (with the waveform models of fp32 and fp16; proven on the GPU where there is one)."""
-    from soundtag.convert.export import REPORT_FILE, convert_checkpoint
-
     out = Path(cache) / f"models-{cache_key(precisions)}"
-    report = out / REPORT_FILE
+    report = out / "conversion_report.json"  # export.REPORT_FILE (export imports torch)
     if not (report.is_file() and json.loads(report.read_text()).get("passed")):
+        from soundtag.convert.export import REPORT_FILE, convert_checkpoint
+
+        assert report.name == REPORT_FILE
         shutil.rmtree(out, ignore_errors=True)
         # CI (SOUNDTAG_REQUIRE_GPU=1) proves every model on its GPU (lavapipe) or fails
         convert_checkpoint(cached_checkpoint(cache), out, precisions, waveform=True, gpu_check=GPU_CHECK)

@@ -58,8 +58,6 @@ def pool_after(export, stage: int) -> None:
 
 
 def main() -> None:
-    import litert_torch
-
     from bench.machine import cpu_line
     from soundtag.convert.cnn14 import load_body
     from soundtag.convert.export import LAYOUTS, WINOGRAD_BLOCKS, _ExportBody
@@ -88,9 +86,8 @@ def main() -> None:
             piece = Piece(export, stage).eval()
             with torch.inference_mode():
                 y = piece(x) if y is None else y
-                edge = litert_torch.convert(piece, (x,))
-            data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
-            models.append((stage, form, bytes(data), x.numpy(), len(bytes(data))))
+                data = to_tflite(piece, x)
+            models.append((stage, form, data, x.numpy(), len(data)))
         macs = 0
         if 1 <= stage <= 6:
             h, w = x.shape[2], x.shape[3]
@@ -121,8 +118,6 @@ def main() -> None:
 def batch_table(body, batch: int, threads: int, runs: int) -> None:
     """ms per window of each block and of the whole fp32 body (export.LAYOUTS) at 1 and ``batch``
     windows per invoke: what a batch-B model would buy (weights read once per invoke, bigger GEMMs)."""
-    import litert_torch
-
     from bench.machine import cpu_line
     from soundtag.convert.export import LAYOUTS, _ExportBody
 
@@ -137,10 +132,7 @@ def batch_table(body, batch: int, threads: int, runs: int) -> None:
             if name == "whole body":
                 x = x0
             for b in (1, batch):
-                edge = litert_torch.convert(piece, (x[:b].contiguous(),))
-                data = edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content
-                models.append((bytes(data), x[:b].numpy()))
-                del edge
+                models.append((to_tflite(piece, x[:b].contiguous()), x[:b].numpy()))
             x = piece(x)
     # the whole bodies apart from the pieces: interleaved with them, every piece's weights pass through
     # the caches between two invokes of a whole body (its B 1 read 143 ms per window that way, 115 alone)
@@ -151,6 +143,14 @@ def batch_table(body, batch: int, threads: int, runs: int) -> None:
     for k, (name, _) in enumerate(pieces):
         one, many = times[2 * k] * 1000, times[2 * k + 1] * 1000 / batch
         print(f"| {name} | {one:.1f} | {many:.1f} | {one / many:.2f}x |")
+
+
+def to_tflite(piece: nn.Module, x: torch.Tensor) -> bytes:
+    """One piece converted by litert-torch for the sample input x: the flatbuffer bytes."""
+    import litert_torch
+
+    edge = litert_torch.convert(piece, (x,))
+    return bytes(edge.model_content() if callable(getattr(edge, "model_content", None)) else edge.model_content)
 
 
 def interleaved(models: list[tuple[bytes, np.ndarray]], threads: int, runs: int) -> list[float]:

@@ -1,4 +1,5 @@
-"""Where int8's error comes from: its weights or its activations (issue #12, item 3).
+"""Where int8's error comes from: its weights or its activations (issue #12, item 3), and what the
+calibrated weights (convert/int8.py: GPTQ rounding, bias correction; issue #22) take off it.
 
     python -m bench.int8_error [--scenes 6] [--chunk 32]
 
@@ -10,7 +11,9 @@ source can be switched off alone; the first two rows run the real LiteRT int8 mo
 show the replay is faithful. Fidelity is corr of the 527 probabilities vs the float64 body (min and
 mean over the converter's validation inputs and the bench's scenes), as bench/int8_layers.py reports.
 
-Variants: the shipped float32 layers (export.INT8_FLOAT_LAYERS) with weights only / activations only
+Rows: the real LiteRT models and their replays (nearest rounding with the float32 layers used before
+issue #22 and with the shipped ones; the shipped calibrated model), the calibration's ablations (no
+bias correction, no GPTQ, GPTQ in blocks 1-2 only), and, on the pre-#22 mix, weights only / activations only
 quantized, the dense layers in float, activations with one scale per ``--chunk`` frames (what batching
 the time axis would give XNNPACK's per-batch scales), and cross-layer equalization (Nagel et al. 2019:
 each channel rescaled between consecutive convolutions, exact through ReLU and average pooling).
@@ -26,25 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from soundtag.convert.int8 import quantize_activation, quantize_weight
+
 ROOT = Path(__file__).resolve().parents[1]
+# what the int8 model kept in float32 before its weights were calibrated (nearest rounding)
+PREVIOUS_FLOAT_LAYERS = ("block1.conv1", "block1.conv2", "block2.conv1")
 CACHE = Path(os.environ.get("SOUNDTAG_BENCH_CACHE", ROOT / ".test-cache"))
-
-
-def quantize_activation(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """x through XNNPACK's dynamic int8 (qd8): one asymmetric scale whose range holds 0; ``chunk``: one
-    per ``chunk`` rows of the time axis (dim 2) instead."""
-    if chunk and x.dim() == 4:
-        return torch.cat([quantize_activation(x[:, :, i : i + chunk]) for i in range(0, x.shape[2], chunk)], 2)
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / 255 or 1.0
-    zero = round(-128 - lo / scale)
-    return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
-
-
-def quantize_weight(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per output channel (ai-edge-quantizer's dynamic recipe)."""
-    scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127
-    return torch.round(w / torch.where(scale > 0, scale, 1.0)) * scale
 
 
 class Replay:
@@ -107,8 +97,9 @@ def main() -> None:
     from bench.int8_layers import scene_inputs
     from bench.machine import cpu_line
     from soundtag.convert.cnn14 import load_body
-    from soundtag.convert.export import (INT8_FLOAT_LAYERS, LAYOUTS, _ExportBody, to_fp32_tflite, to_int8_tflite,
-                                         validation_inputs)
+    from soundtag.convert.export import (INT8_FLOAT_LAYERS, INT8_GPTQ_LAYERS, INT8_LAYERS, LAYOUTS, _ExportBody,
+                                         to_fp32_tflite, to_int8_tflite, validation_inputs)
+    from soundtag.convert.int8 import calibrate, calibration_inputs
     from soundtag.convert.validate import run_tflite
     from tests.fixtures import cached_checkpoint
 
@@ -120,27 +111,50 @@ def main() -> None:
     body = load_body(cached_checkpoint(CACHE))
     inputs = {**validation_inputs(), **scene_inputs(args.scenes)}
     replay = Replay(_ExportBody(body))  # direct, unsplit: the int8 layout
+    index = {name: i for i, name in enumerate(INT8_LAYERS)}
+    calib = calibration_inputs()
+
+    def calibrated(gptq_layers=INT8_GPTQ_LAYERS, correct_bias=True) -> Replay:
+        out = object.__new__(Replay)
+        out.__dict__.update(replay.__dict__)
+        out.convs = calibrate(replay.bn0, replay.convs, replay.pools, calib, {index[k] for k in INT8_FLOAT_LAYERS},
+                              {index[k] for k in gptq_layers}, correct_bias)
+        return out
+
+    def replayed(r: Replay, keep, **kw) -> tuple[float, float]:
+        return corrs({k: r(v, float_layers=keep, **kw) for k, v in inputs.items()}, reference)
+
+    def litert(data: bytes) -> tuple[float, float]:
+        return corrs({k: v.astype(np.float64) for k, v in run_tflite(data, inputs).probs.items()}, reference)
+
     with torch.inference_mode():
         reference = {k: replay(v, weights=False, activations=False) for k, v in inputs.items()}
         fp32 = to_fp32_tflite(body, LAYOUTS["int8"], embedding=False)
-        ship = INT8_FLOAT_LAYERS
+        before, ship = PREVIOUS_FLOAT_LAYERS, INT8_FLOAT_LAYERS
         rows = []
-        for label, keep in (("all int8", ()), (f"shipped ({', '.join(ship)} float32)", ship)):
-            real = {k: v.astype(np.float64) for k, v in run_tflite(to_int8_tflite(fp32, keep), inputs).probs.items()}
-            rows.append((label + ": LiteRT", corrs(real, reference)))
-            rows.append((label + ": replay", corrs({k: replay(v, float_layers=keep) for k, v in inputs.items()}, reference)))
+        for label, keep in (("all int8, nearest", ()), (f"{', '.join(before)} float32, nearest (before #22)", before),
+                            (f"{', '.join(ship)} float32, nearest", ship)):
+            rows.append((label + ": LiteRT", litert(to_int8_tflite(fp32, keep))))
+            rows.append((label + ": replay", replayed(replay, keep)))
+        shipped = calibrated()
+        folded = [(w.float(), b.float()) for w, b in shipped.convs]
+        rows.append((f"shipped: {ship[0]} float32, GPTQ blocks 1-4, bias corrected: LiteRT",
+                     litert(to_int8_tflite(to_fp32_tflite(body, LAYOUTS["int8"], embedding=False, folded=folded), ship))))
+        rows.append(("shipped: replay", replayed(shipped, ship)))
+        rows.append(("shipped, weights only int8 (activations float)", replayed(shipped, ship, activations=False)))
+        rows.append(("shipped without bias correction (GPTQ only)", replayed(calibrated(correct_bias=False), ship)))
+        rows.append(("shipped without GPTQ (bias correction only)", replayed(calibrated(()), ship)))
+        rows.append(("shipped with GPTQ in blocks 1-2 only", replayed(calibrated(INT8_GPTQ_LAYERS[:3]), ship)))
         variants = {
-            "shipped, weights only int8 (activations float)": dict(activations=False),
-            "shipped, activations only int8 (weights float)": dict(weights=False),
-            "shipped, fc1 and fc_audioset float too": dict(extra=("fc1", "fc_audioset")),
-            f"shipped, one activation scale per {args.chunk} frames": dict(chunk=args.chunk),
+            "before #22, weights only int8 (activations float)": dict(activations=False),
+            "before #22, activations only int8 (weights float)": dict(weights=False),
+            "before #22, fc1 and fc_audioset float too": dict(extra=("fc1", "fc_audioset")),
+            f"before #22, one activation scale per {args.chunk} frames": dict(chunk=args.chunk),
         }
         for label, kw in variants.items():
-            keep = ship + kw.pop("extra", ())
-            rows.append((label, corrs({k: replay(v, float_layers=keep, **kw) for k, v in inputs.items()}, reference)))
-        equalized = replay.equalized()
-        rows.append(("shipped, cross-layer equalized", corrs({k: equalized(v, float_layers=ship) for k, v in inputs.items()},
-                                                             reference)))
+            keep = before + kw.pop("extra", ())
+            rows.append((label, replayed(replay, keep, **kw)))
+        rows.append(("before #22, cross-layer equalized", replayed(replay.equalized(), before)))
     print(f"Machine: {cpu_line()} (fidelity does not depend on it); synthetic CNN14, {len(inputs)} inputs\n")
     print("| int8 arithmetic | min corr vs PyTorch | mean corr | 1 - min corr |")
     print("|---|---|---|---|")

@@ -82,11 +82,13 @@ class _ExportBody(nn.Module):
     F(m x m, 3x3); the others directly.
     ``direct_group`` / ``winograd_group``: input channels per partial sum (see LAYOUTS); None: one.
     With ``embedding`` the model has a second output: the 2048-d embedding (fc1 + ReLU), as upstream.
+    ``folded``: the 12 convolutions' (weight, bias) to use instead of folded_convs(body) (int8.calibrate's).
     """
 
     def __init__(self, body: Cnn14Body, winograd: dict[int, int] | None = None, embedding: bool = False,
                  direct_group: int | None = None, winograd_group: int | None = None, gemm: str = "conv",
-                 logmel_shape: tuple[int, int] = (CNN14.frames, CNN14_FRONT_END.n_mels), head: nn.Module | None = None) -> None:
+                 logmel_shape: tuple[int, int] = (CNN14.frames, CNN14_FRONT_END.n_mels), head: nn.Module | None = None,
+                 folded: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         super().__init__()
         keep: list[torch.Tensor] = []
         winograd = dict(winograd or {})
@@ -102,19 +104,19 @@ class _ExportBody(nn.Module):
         self.bn0_shift = const(shift.reshape(1, 1, 1, -1))
         self.convs: list = []  # callables x -> relu(conv(x) + b), two per block
         h, w = logmel_shape  # frames, mel bins of the model's window
-        for number, (block, pool) in enumerate(zip(body.blocks(), Cnn14Body.POOLS), 1):
+        convs = iter(folded if folded is not None else folded_convs(body))
+        for number, pool in enumerate(Cnn14Body.POOLS, 1):
             m = winograd.get(number)
             # block 6 (2 wide): WidthTwoConv3x3's 12 GEMMs, not 16; F(m x m) with an even m pools in its tiles
             form = WidthTwoConv3x3 if (m, w) == (2, 2) else WinogradConv3x3
             in_tiles = form is WinogradConv3x3 and pool == 2 and m is not None and m % 2 == 0
-            for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2)):
-                s, t = _bn_affine(bn)
-                weight = conv.weight.detach().double() * s.reshape(-1, 1, 1, 1)
+            for second in (False, True):
+                weight, t = next(convs)
                 if m is None:
                     self.convs.append(_DirectConv(weight, t, const, direct_group))
                 else:
                     self.convs.append(form(weight, t, h, w, const, winograd_group, m, gemm,
-                                           pool=2 if in_tiles and conv is block.conv2 else 1))
+                                           pool=2 if in_tiles and second else 1))
             h, w = h // pool, w // pool
         self.pools = Cnn14Body.POOLS
         self.fc1 = (const(body.fc1.weight), const(body.fc1.bias))
@@ -167,6 +169,16 @@ class _DirectConv:
             part = F.conv2d(x[:, k * self.group : (k + 1) * self.group], w, None, padding=1)
             y = part if y is None else y + part
         return F.relu(y + self.bias.reshape(1, -1, 1, 1))
+
+
+def folded_convs(body: Cnn14Body) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The body's 12 convolutions with their BatchNorms folded in: (weight [O, C, 3, 3], bias [O]), float64."""
+    out = []
+    for block in body.blocks():
+        for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2)):
+            s, t = _bn_affine(bn)
+            out.append((conv.weight.detach().double() * s.reshape(-1, 1, 1, 1), t))
+    return out
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,11 +315,12 @@ def _body_inputs(body: nn.Module, x: np.ndarray, spec: ModelSpec) -> tuple[torch
 
 
 def to_fp32_tflite(body: nn.Module, layout: tuple = ({}, None, None), embedding: bool = True,
-                   arch: Architecture = CNN14_ARCH, spec: ModelSpec = CNN14, head: nn.Module | None = None) -> bytes:
+                   arch: Architecture = CNN14_ARCH, spec: ModelSpec = CNN14, head: nn.Module | None = None,
+                   folded: list | None = None) -> bytes:
     """litert-torch conversion of a body: for the cnn14 layout, the folded body in a layout of LAYOUTS
     (Winograd blocks, direct group, Winograd group); for a plain one, the module itself; with ``head``,
-    a trained head after the embedding instead of the body's classifier. Returns the flatbuffer bytes
-    (unvalidated, without a spec)."""
+    a trained head after the embedding instead of the body's classifier; ``folded``: the cnn14 layout's
+    convolutions to use (_ExportBody). Returns the flatbuffer bytes (unvalidated, without a spec)."""
     try:
         import litert_torch
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -318,7 +331,7 @@ def to_fp32_tflite(body: nn.Module, layout: tuple = ({}, None, None), embedding:
     else:
         if arch.layout == "cnn14":
             export = _ExportBody(body, layout[0], embedding, layout[1], layout[2],
-                                 logmel_shape=(spec.frames, spec.front_end.n_mels), head=head).eval()
+                                 logmel_shape=(spec.frames, spec.front_end.n_mels), head=head, folded=folded).eval()
         else:
             export = _PlainExport(body, embedding, head).eval()
         sample = (torch.zeros(1, 1, spec.frames, spec.front_end.n_mels),)
@@ -415,14 +428,37 @@ def to_int8_tflite(fp32: bytes, keep_float: tuple[str, ...] = (), keep_first: in
 
 
 INT8_LAYERS = tuple(f"block{b}.conv{c}" for b in range(1, 7) for c in (1, 2)) + ("fc1", "fc_audioset")
-# The shipped int8 model keeps its most sensitive layers in float32 (issue #12, bench/int8_layers.py on
-# a Zen 4 with VNNI): dynamic-range int8 quantizes each activation tensor with one scale, which costs
-# most where the log-mel's range is widest. All int8: min corr 0.99429 vs PyTorch, 60 ms per window;
-# these float: 0.99911, 81 ms, the most fidelity that keeps int8 >= 4x the PyTorch path there
-# (blocks 1-2 float: 0.99942 at 102 ms, 3.6x). What is left is spread over the int8 layers and is
-# mostly the weights' rounding (bench/int8_error.py: weights alone 1 - corr 8.2e-4, activations alone
-# 4.2e-4, one activation scale per 32 frames no better).
-INT8_FLOAT_LAYERS = ("block1.conv1", "block1.conv2", "block2.conv1")
+# The int8 CNN14 keeps only its first convolution in float32 (1 input channel: 0.04 G of its 20 G
+# multiply-adds; its 9 weights per channel round worst of all). The others are int8 with calibrated
+# weights (int8.calibrate): GPTQ rounding in INT8_GPTQ_LAYERS, nearest in the rest (blocks 5-6: few
+# positions per window for their 4608-18432 inputs per output), every bias corrected. Measured (issue #22,
+# bench/int8_error.py): nearest rounding with block 1 and block2.conv1 in float32, what shipped before,
+# min corr 0.99911 vs PyTorch at 77 ms per window on a Zen 4; all but block1.conv1 int8 and nearest,
+# 0.99507; calibrated, docs/speed.md.
+INT8_FLOAT_LAYERS = ("block1.conv1",)
+INT8_GPTQ_LAYERS = tuple(k for k in INT8_LAYERS[:8] if k not in INT8_FLOAT_LAYERS)  # blocks 1-4
+
+
+def int8_folded(body: Cnn14Body, spec: ModelSpec = CNN14) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The body's folded convolutions with calibrated int8 weights and biases (int8.calibrate) on
+    int8.calibration_inputs of its front end."""
+    from .int8 import calibrate, calibration_inputs
+
+    scale, shift = _bn_affine(body.bn0)
+    index = {name: i for i, name in enumerate(INT8_LAYERS)}
+    return calibrate((scale.reshape(1, 1, 1, -1), shift.reshape(1, 1, 1, -1)), folded_convs(body), Cnn14Body.POOLS,
+                     calibration_inputs(spec), {index[k] for k in INT8_FLOAT_LAYERS}, {index[k] for k in INT8_GPTQ_LAYERS})
+
+
+def int8_calibration_note() -> dict:
+    """What the int8 CNN14's conversion report says about its calibration."""
+    from .int8 import CALIBRATION_SEED, CALIBRATION_WINDOWS, DAMPING
+
+    return {"method": "GPTQ rounding (Frantar et al. 2022) + empirical bias correction (Nagel et al. 2019)",
+            "gptq_layers": list(INT8_GPTQ_LAYERS), "nearest_rounding": [k for k in INT8_LAYERS[:12] if k not in
+                                                                        INT8_GPTQ_LAYERS + INT8_FLOAT_LAYERS],
+            "windows": CALIBRATION_WINDOWS, "audio": "synthetic (int8.calibration_waves), not the validation inputs",
+            "seed": CALIBRATION_SEED, "damping": DAMPING}
 # The plain layouts keep their first convolutions float for the same reason (the log-mel's widest
 # range): measured on the synthetic Cnn10, all int8 corr 0.99777 vs PyTorch, under the 0.998 gate.
 PLAIN_INT8_FLOAT_OPS = 3
@@ -613,10 +649,14 @@ def convert_checkpoint(
 
     fp32 = with_spec(convert(layouts["fp32"], True), "fp32", True)
     direct = None
+    calibrated = a.layout == "cnn14" and not wave_in  # int8 weights by GPTQ + bias correction (convert/int8.py)
     if "int8" in precisions:
-        direct = fp32 if layouts["int8"] == layouts["fp32"] else convert(layouts["int8"], True)
+        if calibrated:
+            direct = to_fp32_tflite(body, layouts["int8"], True, a, base, folded=int8_folded(body, base))
+        else:
+            direct = fp32 if layouts["int8"] == layouts["fp32"] else convert(layouts["int8"], True)
     plain = convert(layouts["fp16"], False) if "fp16" in precisions else None
-    keep_float = INT8_FLOAT_LAYERS if a.layout == "cnn14" and not wave_in else ()
+    keep_float = INT8_FLOAT_LAYERS if calibrated else ()
     keep_first = 0 if keep_float else PLAIN_INT8_FLOAT_OPS
     front_scope = (LogmelFrontEnd.__name__,) if wave_in else ()  # the in-graph DFT stays float32
     makers = {"fp32": lambda: fp32,
@@ -635,6 +675,8 @@ def convert_checkpoint(
         if precision == "int8":
             entry["float32_layers"] = (list(keep_float) or ([f"the first {keep_first} convolutions"] if keep_first else [])
                                        + [f"every op of {s}" for s in front_scope])
+            if calibrated:
+                entry["calibration"] = int8_calibration_note()
         if precision != "fp32":
             entry["fidelity_vs_fp32"] = dataclasses.asdict(compare(precision, fp32_out.probs, out.probs, {"min_corr": 0.0, "max_abs_diff": None}))
         report["models"][precision] = entry

@@ -1,15 +1,16 @@
 """Where int8's error comes from: its weights or its activations (issue #12, item 3), and what the
 calibrated weights (convert/int8.py: GPTQ rounding, bias correction; issue #22) take off it.
 
-    python -m bench.int8_error [--scenes 6] [--chunk 32]
+    python -m bench.int8_error [--scenes 6] [--drums 12] [--chunk 32]
 
 LiteRT runs the int8 model with XNNPACK's dynamic-range kernels: weights int8 per output channel
 (symmetric, scale max|w| / 127), each activation tensor quantized at run time to int8 with one
 asymmetric scale per batch element, int32 accumulation, float32 out. This replays that arithmetic in
 float64 PyTorch on the folded CNN14 body, quantizing weights and activations separately, so each error
-source can be switched off alone; the first two rows run the real LiteRT int8 models beside it, to
+source can be switched off alone; the LiteRT rows run the real int8 models beside their replays, to
 show the replay is faithful. Fidelity is corr of the 527 probabilities vs the float64 body (min and
-mean over the converter's validation inputs and the bench's scenes), as bench/int8_layers.py reports.
+mean over the converter's validation inputs, the bench's scenes and real drum hits), as
+bench/int8_layers.py reports, and top-1 agreement.
 
 Rows: the real LiteRT models and their replays (nearest rounding with the float32 layers used before
 issue #22 and with the shipped ones; the shipped calibrated model), the calibration's ablations (no
@@ -88,9 +89,12 @@ class Replay:
         return torch.sigmoid(F.linear(xq, wq, b2))[0].numpy()
 
 
-def corrs(outputs: dict, reference: dict) -> tuple[float, float]:
+def corrs(outputs: dict, reference: dict) -> tuple[float, float, int]:
+    """min and mean corr of the probabilities vs the reference over the inputs, and on how many inputs
+    the top-1 class is the reference's."""
     c = [float(np.corrcoef(outputs[k], reference[k])[0, 1]) for k in reference]
-    return min(c), float(np.mean(c))
+    top1 = sum(int(np.argmax(outputs[k]) == np.argmax(reference[k])) for k in reference)
+    return min(c), float(np.mean(c)), top1
 
 
 def main() -> None:
@@ -101,24 +105,25 @@ def main() -> None:
                                          to_fp32_tflite, to_int8_tflite, validation_inputs)
     from soundtag.convert.int8 import calibrate, calibration_inputs
     from soundtag.convert.validate import run_tflite
-    from tests.fixtures import cached_checkpoint
+    from tests.fixtures import cached_checkpoint, drum_logmels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=6, help="bench scenes besides the four validation inputs")
+    ap.add_argument("--drums", type=int, default=12, help="real drum hits (hydrogen-drumkits) among the inputs")
     ap.add_argument("--chunk", type=int, default=32, help="frames per activation scale in the chunked variant")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     body = load_body(cached_checkpoint(CACHE))
-    inputs = {**validation_inputs(), **scene_inputs(args.scenes)}
+    inputs = {**validation_inputs(), **scene_inputs(args.scenes), **drum_logmels(args.drums)}
     replay = Replay(_ExportBody(body))  # direct, unsplit: the int8 layout
     index = {name: i for i, name in enumerate(INT8_LAYERS)}
     calib = calibration_inputs()
 
-    def calibrated(gptq_layers=INT8_GPTQ_LAYERS, correct_bias=True) -> Replay:
+    def calibrated(gptq_layers=INT8_GPTQ_LAYERS, correct_bias=True, act_order=False) -> Replay:
         out = object.__new__(Replay)
         out.__dict__.update(replay.__dict__)
         out.convs = calibrate(replay.bn0, replay.convs, replay.pools, calib, {index[k] for k in INT8_FLOAT_LAYERS},
-                              {index[k] for k in gptq_layers}, correct_bias)
+                              {index[k] for k in gptq_layers}, correct_bias, act_order)
         return out
 
     def replayed(r: Replay, keep, **kw) -> tuple[float, float]:
@@ -145,6 +150,7 @@ def main() -> None:
         rows.append(("shipped without bias correction (GPTQ only)", replayed(calibrated(correct_bias=False), ship)))
         rows.append(("shipped without GPTQ (bias correction only)", replayed(calibrated(()), ship)))
         rows.append(("shipped with GPTQ in blocks 1-2 only", replayed(calibrated(INT8_GPTQ_LAYERS[:3]), ship)))
+        rows.append(("shipped with GPTQ's act order", replayed(calibrated(act_order=True), ship)))
         variants = {
             "before #22, weights only int8 (activations float)": dict(activations=False),
             "before #22, activations only int8 (weights float)": dict(weights=False),
@@ -156,10 +162,10 @@ def main() -> None:
             rows.append((label, replayed(replay, keep, **kw)))
         rows.append(("before #22, cross-layer equalized", replayed(replay.equalized(), before)))
     print(f"Machine: {cpu_line()} (fidelity does not depend on it); synthetic CNN14, {len(inputs)} inputs\n")
-    print("| int8 arithmetic | min corr vs PyTorch | mean corr | 1 - min corr |")
-    print("|---|---|---|---|")
-    for label, (lo, mean) in rows:
-        print(f"| {label} | {lo:.5f} | {mean:.5f} | {1 - lo:.1e} |")
+    print("| int8 arithmetic | min corr vs PyTorch | mean corr | 1 - min corr | top-1 as PyTorch |")
+    print("|---|---|---|---|---|")
+    for label, (lo, mean, top1) in rows:
+        print(f"| {label} | {lo:.5f} | {mean:.5f} | {1 - lo:.1e} | {top1}/{len(inputs)} |")
 
 
 if __name__ == "__main__":

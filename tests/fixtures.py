@@ -7,6 +7,7 @@ bench/ imports this module too (run it as ``python -m bench.run`` from the repos
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -158,6 +159,26 @@ def drum_files(kits: tuple[str, ...], per_class: int) -> dict[str, list[Path]]:
                      and not any(re.search(q, p.stem, re.I) for k, q in DRUM_CLASSES.items() if k != c)]
             step = max(1, len(found) // per_class)
             out[c].extend(found[::step][:per_class])
+    return out
+
+
+def drum_logmels(n: int = 12) -> dict[str, np.ndarray]:
+    """Real recordings as model inputs: ``n`` drum hits of the test kits (instruments in turn), each
+    decoded at 32 kHz (soundtag.audio), zero-padded to one window, as host log-mels [1, 1, 1001, 64];
+    {} without hydrogen-drumkits."""
+    from soundtag import features
+    from soundtag.audio import load_audio
+    from soundtag.spec import CNN14
+
+    if not DRUMKITS.is_dir():
+        return {}
+    files = drum_files(TEST_KITS, max(1, -(-n // (len(DRUM_CLASSES) * len(TEST_KITS)))))
+    picked = [p for group in itertools.zip_longest(*files.values()) for p in group if p is not None][:n]
+    out = {}
+    for p in picked:
+        wave, _, _ = load_audio(p, sample_rate=CNN14.sample_rate)
+        wave = np.pad(wave[: CNN14.window_samples], (0, max(0, CNN14.window_samples - wave.size)))
+        out[f"drum:{p.parent.name}/{p.stem}"] = features.logmel(wave).reshape(CNN14.input_shape)
     return out
 
 

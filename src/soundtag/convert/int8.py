@@ -41,6 +41,7 @@ CALIBRATION_WINDOWS = 8
 CALIBRATION_SEED = 20261208
 DAMPING = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's dampening)
 BLOCK_COLUMNS = 128  # GPTQ's lazy batch of columns
+ACT_ORDER = False  # GPTQ's "act order": columns in decreasing order of their inputs' energy
 
 
 def quantize_weight(w: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,8 @@ def calibration_inputs(spec: ModelSpec = CNN14, n: int = CALIBRATION_WINDOWS, se
             for w in calibration_waves(spec, n, seed)]
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, damping: float = DAMPING, columns: int = BLOCK_COLUMNS) -> torch.Tensor:
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, damping: float = DAMPING, columns: int = BLOCK_COLUMNS,
+         act_order: bool = ACT_ORDER) -> torch.Tensor:
     """GPTQ rounding of a convolution's (or dense layer's) weight [O, ...] to int8 per output channel,
     given H = E[x x^T] of its flattened inputs (x in weight[o].flatten() order). Returns float64 weights
     on the grid of quantize_weight's scales: each channel's scale stays max|w| / 127 of the original,
@@ -124,6 +126,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, damping: float = DAMPING, 
     h = hessian.double().clone()
     dead = torch.diag(h) == 0  # inputs never nonzero in calibration: their weights cannot matter there
     h[dead, dead] = 1.0
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(d)
+    w, h = w[:, order], h[order][:, order]  # act_order: the inputs with the most energy rounded first
     h += damping * torch.mean(torch.diag(h)) * torch.eye(d, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
@@ -138,6 +142,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, damping: float = DAMPING, 
             block[:, i:] -= err * hb[i : i + 1, i:]
             errors[:, i] = err[:, 0]
         w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    q = q[:, torch.argsort(order)]
     # A channel whose largest original weight drifted below 127 steps would get a smaller scale from
     # the quantizer (every value rounded again): put that weight back on +-127 steps.
     steps = torch.round(q / scale)
@@ -152,7 +157,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, damping: float = DAMPING, 
 
 def calibrate(bn0: tuple[torch.Tensor, torch.Tensor], convs: list[tuple[torch.Tensor, torch.Tensor]], pools: tuple[int, ...],
               inputs: list[np.ndarray], float_layers: set[int], gptq_layers: set[int],
-              correct_bias: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+              correct_bias: bool = True, act_order: bool = ACT_ORDER) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The folded CNN14 convolutions (weight [O, C, 3, 3], bias [O], float64; two per block, pools
     after each block) with int8-calibrated weights and biases: layers in ``gptq_layers`` rounded by
     GPTQ, the others to nearest, every int8 layer's bias corrected (unless not ``correct_bias``: the
@@ -179,7 +184,7 @@ def calibrate(bn0: tuple[torch.Tensor, torch.Tensor], convs: list[tuple[torch.Te
                         patches = F.unfold(x, 3, padding=1)[0]
                         h += patches @ patches.T
                         n += patches.shape[1]
-                    wq = gptq(w, h / n)
+                    wq = gptq(w, h / n, act_order=act_order)
                 else:
                     wq = quantize_weight(w)
                 yq = [F.conv2d(quantize_activation(x), wq, b, padding=1) for x in xq]

@@ -4,8 +4,9 @@ LiteRT runs the int8 model with XNNPACK's dynamic-range kernels: each weight int
 (symmetric, scale max|w| / 127, as ai-edge-quantizer's dynamic recipe writes it), each activation
 tensor quantized at run time with one asymmetric int8 scale, int32 sums, float32 out. Rounding every
 weight to its nearest step (what the quantizer does alone) is what costs int8 most of its fidelity
-(bench/int8_error.py: weights 8e-4 of correlation, activations 4e-4, on the shipped mix), and most of
-it in blocks 1-2, which is why the int8 model used to keep block 1 and block2.conv1 in float32.
+(bench/int8_error.py, on the mix that shipped before: weights 1.1e-3 of correlation, activations
+6.3e-4), most of it in blocks 1-2, which is why the int8 model used to keep block 1 and block2.conv1
+in float32.
 
 Two corrections, computed here on the folded weights before conversion, so that the quantizer's own
 rounding of what it gets is exact (each weight already a multiple of its channel's scale, the
@@ -161,9 +162,8 @@ def calibrate(bn0: tuple[torch.Tensor, torch.Tensor], convs: list[tuple[torch.Te
     """The folded CNN14 convolutions (weight [O, C, 3, 3], bias [O], float64; two per block, pools
     after each block) with int8-calibrated weights and biases: layers in ``gptq_layers`` rounded by
     GPTQ, the others to nearest, every int8 layer's bias corrected (unless not ``correct_bias``: the
-    bench's ablation); ``float_layers`` (indices) as
-    they are. Calibration runs layer by layer on ``inputs`` (log-mels), the quantized network's
-    activations quantized as XNNPACK quantizes them."""
+    bench's ablation); ``float_layers`` (indices) as they are. Calibration runs layer by layer on
+    ``inputs`` (log-mels), the quantized network's activations quantized as XNNPACK quantizes them."""
     scale, shift = (t.double() for t in bn0)
     xq = [torch.from_numpy(np.asarray(v)).double() * scale + shift for v in inputs]
     xf = [x.clone() for x in xq]

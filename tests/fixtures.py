@@ -22,8 +22,8 @@ SRC = ROOT / "src" / "soundtag"
 CACHE = Path(os.environ.get("SOUNDTAG_TEST_CACHE", ROOT / ".test-cache"))
 SR = 32_000
 CHECKPOINT_SOURCES = ("convert/synthetic.py", "convert/cnn14.py", "features.py", "assets/mel_basis.bin")
-MODEL_SOURCES = ("convert/export.py", "convert/validate.py", "convert/winograd.py", "convert/int8.py", "convert/frontend.py", "model.py",
-                 "assets/speech_espeak.flac")
+MODEL_SOURCES = ("convert/export.py", "convert/validate.py", "convert/winograd.py", "convert/int8.py", "convert/frontend.py",
+                 "model.py", "assets/speech_espeak.flac")
 TOOLS = ("torch", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "numpy")
 ALL_PRECISIONS = ("fp32", "fp16", "int8")
 GPU_CHECK = "require" if os.environ.get("SOUNDTAG_REQUIRE_GPU") == "1" else "auto"  # convert --gpu-check
